@@ -32,7 +32,6 @@ class DresdProposer(GuardedProposer):
     def __init__(self, vllm_config: VllmConfig):
         super().__init__(vllm_config)
         self.config = DresdConfig.from_dict(self.options)
-        faiss.omp_set_num_threads(self.config.search_threads)
         model_config = vllm_config.model_config
         self.datastore = Datastore.load(
             self.config.datastore,
@@ -52,8 +51,10 @@ class DresdProposer(GuardedProposer):
             merge=self.config.merge,
             min_support=self.config.min_support,
             max_candidates=self.config.max_candidates,
+            search_threads=self.config.search_threads,
         )
         self._hidden: torch.Tensor | None = None
+        self._omp_threads = faiss.omp_get_max_threads()
         logger.info(
             "DReSD: %d keys from %s, top_k=%d, merge=%s, k=%d",
             self.datastore.manifest.num_keys, self.config.datastore, self.config.top_k, self.config.merge, self.k,
@@ -70,6 +71,8 @@ class DresdProposer(GuardedProposer):
         token_ids_cpu: np.ndarray,
         max_len: np.ndarray,
     ) -> list[list[int]]:
+        # The setting this step's forward pass ran with: a proposer that leaked FAISS's would show it here.
+        self._omp_threads = min(self._omp_threads, faiss.omp_get_max_threads())
         hidden, self._hidden = self._hidden, None
         if hidden is None:
             raise RuntimeError("no hidden states were captured for this step; is dresd_vllm.patches applied?")
@@ -88,6 +91,7 @@ class DresdProposer(GuardedProposer):
             stats[f"{stage}_s"] = retriever[f"{stage}_s"]
             stats[f"{stage}_ms_per_step"] = 1e3 * retriever[f"{stage}_s"] / steps
         stats["hits"], stats["survivors"] = retriever["hits"], retriever["survivors"]
+        stats["omp_threads_min"] = self._omp_threads
         return stats
 
 

@@ -8,9 +8,12 @@ branch. The merge is vectorised over the batch (no trie objects, no dict per key
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 
+import faiss
 import numpy as np
 import torch
 
@@ -20,6 +23,24 @@ MERGES = ("trie", "top1")
 # Survivors weigh their cosine similarity, floored so that a survivor with a
 # negative similarity still counts and the total weight is never zero.
 _MIN_WEIGHT = 1e-3
+
+
+@contextlib.contextmanager
+def omp_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` OpenMP threads, then give the calling thread back its own setting.
+
+    FAISS and torch share one OpenMP runtime when Intel OpenMP is preloaded, and the setting is the
+    calling thread's: left at ``n``, it would also be the thread count of the model's next forward pass.
+    """
+    if n is None:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 @dataclasses.dataclass
@@ -53,6 +74,7 @@ class Retriever:
     chance the draft is still right. ``min_support=0`` keeps the whole heaviest path.
     ``merge="top1"`` drafts the nearest survivor's continuation. Only the nearest
     ``max_candidates`` survivors (at most ``top_k``) are merged: the paper's top 10 of top 50.
+    ``search_threads`` (None: the caller's) OpenMP threads search, only for the search itself.
     """
 
     def __init__(
@@ -62,6 +84,7 @@ class Retriever:
         merge: str = "trie",
         min_support: float = 0.2,
         max_candidates: int = 10,
+        search_threads: int | None = None,
     ):
         if merge not in MERGES:
             raise ValueError(f"unknown merge {merge!r}, expected one of {MERGES}")
@@ -74,6 +97,7 @@ class Retriever:
         self.merge = merge
         self.min_support = min_support
         self.max_candidates = min(max_candidates, top_k)
+        self.search_threads = search_threads
         self.stats = RetrieverStats()
 
     def draft(self, hidden: torch.Tensor, last_tokens: np.ndarray, max_len: int | np.ndarray) -> list[list[int]]:
@@ -97,7 +121,8 @@ class Retriever:
         start = time.perf_counter()
         queries = self.datastore.projection(hidden)
         projected = time.perf_counter()
-        scores, ids = self.datastore.index.search(queries, self.top_k)
+        with omp_threads(self.search_threads):
+            scores, ids = self.datastore.index.search(queries, self.top_k)
         searched = time.perf_counter()
 
         keep = self.datastore.first_tokens(ids) == last_tokens[:, None]

@@ -81,6 +81,21 @@ def test_captured_state_produced_the_sampled_token(tiny_model, prompts, own_data
     assert all(predicted == sampled for predicted, sampled in checks)
 
 
+def test_search_threads_leave_the_model_threads_alone(tiny_model, prompts, own_datastore, llm_factory):
+    """FAISS and torch share Intel OpenMP's per-thread setting: the search must not set the model's threads."""
+    llm = llm_factory(tiny_model, speculative_config=dresd(own_datastore))
+    (model_threads,) = llm.collective_rpc(lambda worker: __import__("torch").get_num_threads())
+    llm.llm_engine.engine_core.shutdown()
+
+    other = model_threads + 1  # a search setting that differs from the model's, whatever the machine
+    llm = llm_factory(tiny_model, speculative_config=dresd(own_datastore, search_threads=other))
+    llm.generate(prompts[:2], GREEDY, use_tqdm=False)
+    (after,) = llm.collective_rpc(lambda worker: __import__("torch").get_num_threads())
+    (stats,) = llm.collective_rpc("dresd_stats")
+    assert after == model_threads
+    assert stats["omp_threads_min"] == model_threads and stats["draft_tokens"] > 0
+
+
 def test_sampling_stays_within_the_rejection_sampler(tiny_model, prompts, own_datastore, llm_factory):
     llm = llm_factory(tiny_model, disable_log_stats=False, speculative_config=dresd(own_datastore))
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=48, seed=0)
