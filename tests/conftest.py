@@ -209,3 +209,17 @@ def generated(tiny_model: str, build_corpus: Path, tmp_path_factory: pytest.Temp
             f.write('{"instruction": "Define `__in')
         resumed = run_generate(parse_args(gen_args(tiny_model, build_corpus, out, "--limit", "10")))
     return out, first, resumed
+
+
+@pytest.fixture(scope="session")
+def rest_datastore(tiny_model: str, plain_outputs: list, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A REST datastore of the tiny model's own greedy outputs for the test prompts (prompt + answer)."""
+    from transformers import AutoTokenizer
+
+    from dresd_vllm.datastore import tokenizer_fingerprint
+    from dresd_vllm.suffix_array import write_rest_datastore
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    sequences = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in plain_outputs]
+    path = tmp_path_factory.mktemp("rest") / "rest.npz"
+    return str(write_rest_datastore(path, sequences, {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}))
