@@ -58,8 +58,9 @@ class DresdConfig(_Options):
     """`trie`: follow the heaviest branch of the survivors' prefix trie; `top1`: the nearest survivor."""
     min_support: float = 0.2
     """`trie` stops where the branch holds less than this share of the survivors' similarity weight."""
-    backend: Literal["auto", "faiss", "faiss-gpu", "torch"] = "auto"
-    """Search backend: FAISS (CPU or GPU), or exact search with torch on the model's device."""
+    backend: Literal["auto", "faiss", "faiss-gpu", "torch", "torch-ivf"] = "auto"
+    """Search backend: FAISS (CPU or GPU), exact search with torch, or IVF search with torch on the model's
+    device (`torch-ivf`). `auto`: FAISS on the CPU, `torch-ivf` (IVF stores) or `torch` on a GPU."""
     nprobe: int | None = None
     """IVF lists probed per query; None keeps the datastore's setting."""
     ef_search: int | None = None

@@ -6,7 +6,7 @@ One directory::
     projection.safetensors   mean, std and PCA components (see :class:`Projection`)
     index.faiss              the FAISS index over the projected keys
     tokens.npy               int32 [T]: every corpus sequence followed by n_next + 1 EOS tokens
-    offsets.npy              int64 [num_keys]: flat position in tokens.npy of key i's token
+    offsets.npy              int32 [num_keys] (int64 past 2**31 tokens): position in tokens.npy of key i's token
 
 Key i's value is ``tokens[offsets[i] + 1 : offsets[i] + n_next + 2]``: value[0] is
 the token that key i's state produced (the first-token filter compares it with the
@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 import torch
 
-from dresd_vllm.index import SearchIndex, _ivf_of, auto_factory, build_index
+from dresd_vllm.index import SearchIndex, _ivf_of, add_keys, auto_factory, build_index
 from dresd_vllm.projection import Projection
 
 FORMAT_VERSION = 1
@@ -245,6 +245,58 @@ def write_datastore(
     return path
 
 
+def append_datastore(
+    path: str | os.PathLike,
+    keys_or_index: np.ndarray | faiss.Index,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    build: dict[str, Any] | None = None,
+) -> Path:
+    """Add keys and their token store to the datastore at ``path``, atomically (as :func:`write_datastore`).
+
+    The datastore keeps its projection and its trained index: the new keys, projected with
+    that projection, are encoded into the index after the old ones (ids continue from
+    ``num_keys``). ``keys_or_index`` is the new keys ``[n, pca_dim]``, or the datastore's
+    index with the new keys already added (what a sharded build merges). ``tokens`` and
+    ``offsets`` are the new part's own token store (offsets into ``tokens``). ``build``
+    is recorded in the manifest's ``build["appended"]`` list.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise DatastoreError(f"{path}: no datastore to append to (missing {MANIFEST})")
+    manifest = Manifest.from_json((path / MANIFEST).read_text(), source=str(path / MANIFEST))
+    tokens, offsets = _validated_token_store(manifest, tokens, offsets)
+    try:
+        projection = Projection.load(path / PROJECTION)
+    except ValueError as e:
+        raise DatastoreError(str(e)) from e
+    old_tokens = _load_array(path / TOKENS, np.int32)
+    old_offsets = _load_array(path / OFFSETS, np.int32, np.int64)
+    start = time.perf_counter()
+    if isinstance(keys_or_index, faiss.Index):
+        index = keys_or_index
+    else:
+        keys = np.asarray(keys_or_index)
+        if keys.ndim != 2 or keys.shape[1] != manifest.pca_dim:
+            raise DatastoreError(f"keys: expected [n, pca_dim={manifest.pca_dim}], got shape {keys.shape}")
+        index = faiss.read_index(str(path / INDEX))
+        add_keys(index, keys, index.ntotal)
+    if index.ntotal != len(old_offsets) + len(offsets):
+        raise DatastoreError(
+            f"index size is {index.ntotal} but the datastore has {len(old_offsets)} keys and {len(offsets)} are added"
+        )
+    appended = {**(build or {}), "keys": len(offsets), "index_add_s": round(time.perf_counter() - start, 3)}
+    all_build = {**manifest.build, "appended": [*manifest.build.get("appended", []), appended]}
+    return write_datastore(
+        path,
+        dataclasses.replace(manifest, build=all_build),
+        projection,
+        index,
+        np.concatenate([old_tokens, tokens]),
+        np.concatenate([np.asarray(old_offsets, dtype=np.int64), offsets.astype(np.int64) + len(old_tokens)]),
+    )
+
+
 def _move_into_place(tmp: Path, path: Path) -> None:
     old = None
     if path.exists():
@@ -274,7 +326,9 @@ def _validated_token_store(
             f"offsets: every offset + n_next + 1 must index tokens (length {len(tokens)}), "
             f"got offsets in [{offsets.min()}, {offsets.max()}] with n_next={manifest.n_next}"
         )
-    return tokens.astype(np.int32, copy=False), offsets.astype(np.int64, copy=False)
+    # 4 bytes a key instead of 8 wherever the token store allows (2**31 tokens: ~2e9 keys).
+    offset_dtype = np.int32 if len(tokens) < 2**31 else np.int64
+    return tokens.astype(np.int32, copy=False), offsets.astype(offset_dtype, copy=False)
 
 
 def _check_parts(manifest: Manifest, projection: Projection, index: faiss.Index, num_keys: int) -> None:
@@ -346,7 +400,7 @@ class Datastore:
                 raise DatastoreError(f"{path / PROJECTION}: {field} is {got}, {MANIFEST} says {want}")
 
         tokens = _load_array(path / TOKENS, np.int32)
-        offsets = _load_array(path / OFFSETS, np.int64)
+        offsets = _load_array(path / OFFSETS, np.int32, np.int64)
         if len(offsets) != manifest.num_keys:
             raise DatastoreError(
                 f"{path / OFFSETS}: {len(offsets)} offsets, {MANIFEST} says num_keys={manifest.num_keys}"
@@ -408,11 +462,12 @@ class Datastore:
                 )
 
 
-def _load_array(path: Path, dtype: type[np.generic]) -> np.memmap:
+def _load_array(path: Path, *dtypes: type[np.generic]) -> np.memmap:
     try:
         array = np.load(path, mmap_mode="r")
     except (ValueError, EOFError, OSError) as e:
         raise DatastoreError(f"{path}: not a readable .npy array, the file is damaged or truncated ({e})") from e
-    if array.dtype != dtype or array.ndim != 1:
-        raise DatastoreError(f"{path}: expected a flat {np.dtype(dtype).name} array, got {array.dtype} {array.shape}")
+    if array.dtype not in dtypes or array.ndim != 1:
+        names = " or ".join(np.dtype(d).name for d in dtypes)
+        raise DatastoreError(f"{path}: expected a flat {names} array, got {array.dtype} {array.shape}")
     return array

@@ -6,7 +6,21 @@ import pytest
 import torch
 
 from dresd_vllm.evaluation import exact_neighbours, recall_at_k, self_retrieval_mrr
-from dresd_vllm.index import SearchIndex, auto_factory, build_index
+from dresd_vllm.index import (
+    PQ_CODE,
+    SearchIndex,
+    auto_backend,
+    auto_factory,
+    build_index,
+    empty_copy,
+    encode_shard,
+    merge_shard,
+    mergeable,
+    new_index,
+    set_search_defaults,
+    train_index,
+    train_rows,
+)
 
 D = 64
 
@@ -40,6 +54,9 @@ def test_auto_factory():
     assert auto_factory(50_000) == "Flat"
     assert auto_factory(200_000) == "IVF2048,SQfp16"
     assert auto_factory(1_000_000) == "IVF4096,SQfp16"
+    assert auto_factory(2_000_000) == "IVF4096,SQfp16"
+    assert auto_factory(2_000_001) == f"IVF4096,{PQ_CODE}"  # compact codes above a few million keys
+    assert auto_factory(10_000_000) == f"IVF16384,{PQ_CODE}"
 
 
 @pytest.mark.parametrize(
@@ -109,7 +126,7 @@ def test_bad_backend_and_factory(data):
     with pytest.raises(ValueError, match="unknown search backend 'cuda'"):
         SearchIndex(index, backend="cuda")
     if not hasattr(faiss, "StandardGpuResources"):
-        with pytest.raises(ValueError, match="use 'torch' instead"):
+        with pytest.raises(ValueError, match="use 'torch-ivf' or 'torch'"):
             SearchIndex(index, backend="faiss-gpu")
     with pytest.raises(ValueError, match="invalid FAISS factory string 'IVF,Nope'"):
         build_index(keys[:100], "IVF,Nope")
@@ -135,3 +152,73 @@ def test_evaluation_metrics(data):
     ivf = build_index(keys, "IVF32,Flat")
     assert recall_at_k(SearchIndex(ivf, nprobe=1), keys, queries, 50) < 0.9
     assert recall_at_k(SearchIndex(ivf, nprobe=32), keys, queries, 50) == 1.0  # every list: exact
+
+
+def test_auto_backend_is_torch_on_a_gpu(data):
+    keys, _ = data
+    flat, ivf = build_index(keys[:1000], "Flat"), build_index(keys, "IVF32,PQ16")
+    cuda = torch.device("cuda")  # a choice made from the device type alone: no GPU needed to check it
+    assert auto_backend(flat, cuda) == "torch" and auto_backend(ivf, cuda) == "torch-ivf"
+    assert auto_backend(flat, torch.device("cpu")) == auto_backend(ivf, torch.device("cpu")) == "faiss"
+    assert SearchIndex(ivf).backend == "faiss"
+    with pytest.raises(ValueError, match="'torch-ivf' needs an IVF index, not IndexFlat"):
+        SearchIndex(flat, backend="torch-ivf")
+
+
+@pytest.mark.parametrize("factory", ["IVF32,SQfp16", "IVF32,Flat", "IVF32,PQ16", "IVF32,PQ32x4", "OPQ16_64,IVF32,PQ16"])
+def test_torch_ivf_returns_what_faiss_returns(data, factory):
+    """The GPU path's search (centroids, lists, PQ lookup tables in torch), run here on the CPU."""
+    keys, queries = data
+    index = build_index(keys, factory)
+    expected = SearchIndex(index, backend="faiss", nprobe=4).search(torch.from_numpy(queries), 50)
+    search = SearchIndex(index, backend="torch-ivf", nprobe=4)
+    assert search.backend == "torch-ivf" and search.nprobe == 4 and search.index is None
+    scores, ids = search.search(torch.from_numpy(queries), 50)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, expected[0], atol=1e-5)
+    assert (ids == expected[1]).mean() > 0.99  # equal up to the order of float ties
+    assert recall_at_k(search, keys, queries, 50) >= 0.85
+    one = search.search(torch.from_numpy(queries[:1]), 50)  # batch 1, as a decode step of one request
+    np.testing.assert_array_equal(one[1], ids[:1])
+
+
+def test_torch_ivf_with_fewer_keys_in_the_probed_lists_than_k(data):
+    keys, queries = data
+    scores, ids = SearchIndex(build_index(keys, "IVF256,SQfp16"), backend="torch-ivf", nprobe=1).search(
+        torch.from_numpy(queries[:4]), 500
+    )
+    found = ids >= 0
+    assert found[:, 0].all() and not found[:, -1].any()
+    assert np.array_equal(np.isfinite(scores), found)
+    assert all(np.all(found[i, : found[i].sum()]) for i in range(4))  # found ids first, then -1
+
+
+def test_torch_ivf_holds_pq_codes_not_keys(data):
+    keys, _ = data
+    search = SearchIndex(build_index(keys, "IVF32,PQ16"), backend="torch-ivf")
+    # 16 bytes of codes and a 4-byte id a key; per list a centroid, a start and a size; the codebooks.
+    assert search.memory_bytes() == 20 * len(keys) + 32 * (64 * 4 + 2 * 8) + 16 * 256 * 4 * 4
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF32,SQfp16", "IVF32,PQ16", "OPQ16_64,IVF32,PQ16"])
+def test_shards_encoded_apart_and_merged_equal_one_build(data, factory):
+    """What the distributed build does: train once, encode shards anywhere, merge in order."""
+    keys, queries = data
+    whole = build_index(keys, factory)
+    trained = new_index(keys.shape[1], factory)
+    rows = train_rows(len(keys), trained)
+    if len(rows):
+        train_index(trained, keys[rows])
+    merged = empty_copy(trained)
+    bounds = [0, 1000, 1001, 5000, len(keys)]
+    shards = [encode_shard(trained, keys[a:b], a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for shard in shards:  # in key order, as the build merges them
+        merge_shard(merged, shard)
+    set_search_defaults(merged)
+    assert mergeable(merged)
+    assert np.array_equal(faiss.serialize_index(merged), faiss.serialize_index(whole))
+
+
+def test_hnsw_is_not_mergeable(data):
+    keys, _ = data
+    assert not mergeable(build_index(keys[:300], "HNSW16"))
