@@ -6,9 +6,9 @@
     dresd-bench sweep      num_speculative_tokens x top_k x min_support for DReSD, to choose defaults
     dresd-bench retrieval  projection + search latency and recall of a datastore, without an LLM
 
-Without --model the embedded default is used: its target model, its draft model and its held-out
-prompts. Exit status: 0 when every method ran and (greedy) matched vanilla's output, 1 when one did
-not, 2 on bad input. `dresd-bench COMMAND --help` lists every option.
+Without --model the embedded default is used: SmolLM2-135M-Instruct, its distilled draft model and
+the stdlib corpus's held-out prompts. Exit status: 0 when every method ran and (greedy) matched
+vanilla's output, 1 when one did not, 2 on bad input. `dresd-bench COMMAND --help` lists every option.
 """
 
 import argparse
@@ -17,7 +17,7 @@ from typing import Any
 
 from build_tools.cli import engine_args_type, positive_int
 from build_tools.data import TEMPLATES, InputError
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_DRAFT_MODEL, DEFAULT_MODEL
+from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_DRAFT_MODEL, ModelMissingError, check_default_model
 
 from . import retrieval
 from .inputs import KINDS
@@ -144,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
 def _apply_defaults(args: argparse.Namespace) -> None:
     # The embedded default comes as a set: target, its draft model, its held-out prompts.
     if args.model is None:
-        args.model = DEFAULT_MODEL
+        args.model = check_default_model()  # converted at install time: a missing one names its rebuild
         args.draft_model = args.draft_model or DEFAULT_DRAFT_MODEL
     args.dataset = args.dataset or DEFAULT_DATASET.eval
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
         methods, settings, prompts = _prepare(args, max(args.k))
         return run_sweep(args, methods, settings, prompts)
-    except InputError as e:
+    except (InputError, ModelMissingError) as e:
         print(f"dresd-bench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

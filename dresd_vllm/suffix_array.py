@@ -1,7 +1,8 @@
 """REST's datastore: a suffix array over a token corpus, and REST's exact-match draft search.
 
 REST (He et al. 2024) finds the longest suffix of the context (16 tokens down to 2) that occurs in
-the corpus, takes the continuations of up to 5000 occurrences and drafts from their prefix trie.
+the corpus, takes the continuations of up to 5000 occurrences (spread over all of them) and drafts
+from their prefix trie.
 vLLM verifies one chain per request, so the trie is walked along its most frequent branch.
 
 The `draftretriever` package on PyPI (0.1.1) is ADED's fork, whose search does not match the
@@ -58,6 +59,20 @@ def write_rest_datastore(path: str | os.PathLike, sequences: Sequence[Sequence[i
     return path
 
 
+def spread_sample(matches: np.ndarray, max_matches: int) -> np.ndarray:
+    """At most `max_matches` of `matches`, evenly spaced over the whole range.
+
+    A match range of the suffix array is sorted by what follows the match, so each continuation is
+    one contiguous block: the first `max_matches` would favour continuations with small token ids,
+    while evenly spaced picks give every block its share of the range (within one), deterministically.
+    REST itself samples the matches at random for the same reason.
+    """
+    if len(matches) <= max_matches:
+        return matches
+    # The middle of each of `max_matches` equal strata.
+    return matches[(2 * np.arange(max_matches) + 1) * len(matches) // (2 * max_matches)]
+
+
 class SuffixArrayStore:
     """A loaded REST datastore; `draft(context, max_len)` is REST's search, merged into one chain."""
 
@@ -103,7 +118,7 @@ class SuffixArrayStore:
         if max_len <= 0:
             return []
         for span in range(min(max_span, len(context)), min_span - 1, -1):
-            starts = self.occurrences(context[-span:])[:max_matches]
+            starts = spread_sample(self.occurrences(context[-span:]), max_matches)
             if len(starts):
                 break
         else:

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from vllm import SamplingParams
 
 from dresd_vllm.datastore import tokenizer_fingerprint
-from dresd_vllm.suffix_array import SuffixArrayStore, suffix_array, write_rest_datastore
+from dresd_vllm.suffix_array import SuffixArrayStore, spread_sample, suffix_array, write_rest_datastore
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS)
 
@@ -35,6 +35,17 @@ def test_draft_follows_longest_matching_suffix_and_most_frequent_branch(tmp_path
     # its sequence (4 tokens for max_len 5), never crossing into the next one.
     assert store.draft(np.array([6, 3, 4]), max_len=5, min_support=0.0) == [8, 1, 1, 1]
     assert store.draft(np.array([5, 5, 5]), max_len=3) == []
+
+
+def test_capped_matches_keep_each_continuations_share(tmp_path):
+    # The match range of "1 2" is sorted by continuation: 40 x "5 5" before 60 x "9 9". Keeping the
+    # first 30 in that order drafted [5, 5]; every cap must still see 9 as the majority.
+    sequences = [[1, 2, 9, 9]] * 60 + [[1, 2, 5, 5]] * 40
+    store = SuffixArrayStore(write_rest_datastore(tmp_path / "rest.npz", sequences, {}))
+    for cap in (1, 3, 7, 30, 99, 100, 5000):
+        assert store.draft(np.array([1, 2]), max_len=2, max_matches=cap, min_support=0.0) == [9, 9], cap
+    sample = spread_sample(store.occurrences([1, 2]), 30)
+    assert len(sample) == 30 and sorted(store.tokens[sample + 2].tolist()) == [5] * 12 + [9] * 18
 
 
 def test_bad_rest_file_is_refused(tmp_path):
