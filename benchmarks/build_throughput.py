@@ -30,7 +30,7 @@ from build_tools.build import _tasks
 from build_tools.data import Template, encode_corpus, load_rows
 from build_tools.embed import EmbedWorker, load_tokenizer, model_info, unbatch
 from build_tools.ray_jobs import run
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_MODEL
+from dresd_vllm.assets import DEFAULT_DATASET, TINY_MODEL
 from dresd_vllm.projection import Projection
 
 
@@ -86,7 +86,7 @@ def main() -> None:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or (DEFAULT_MODEL if Path(DEFAULT_MODEL).is_dir() else default_shaped_model(Path(tmp)))
+        model = args.model or (TINY_MODEL if Path(TINY_MODEL).is_dir() else default_shaped_model(Path(tmp)))
         tokenizer = load_tokenizer(model)
         rows = load_rows(args.dataset, limit=args.limit)
         corpus = encode_corpus(rows, Template("chat", tokenizer), args.prompt_key, args.response_key, args.max_length)

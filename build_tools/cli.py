@@ -5,7 +5,7 @@
     dresd-build eval       recall@K against exact search and MRR of a datastore's index
     dresd-build rest       the REST baseline's suffix-array datastore over the same corpus
 
-Without --model/--dataset the embedded default (a tiny code model and its stdlib corpus) is used.
+Without --model/--dataset the embedded default (SmolLM2-135M-Instruct and the stdlib corpus) is used.
 `dresd-build COMMAND --help` lists every option.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from build_tools.data import TEMPLATES, InputError
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_MODEL
+from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_MODEL, ModelMissingError, check_default_model
 
 
 def engine_args_type(reserved: set[str], why: str) -> Callable[[str], dict[str, Any]]:
@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             from build_tools.ray_jobs import connect
 
             started_ray = connect(args.ray_address)
+        if DEFAULT_MODEL in (getattr(args, "model", None), getattr(args, "tokenizer", None)):
+            check_default_model()  # converted at install time: say how to rebuild it, not vLLM's hub error
         if args.command == "generate":
             from build_tools.generate import run_generate
 
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             from build_tools.rest import run_rest
 
             run_rest(args)
-    except InputError as e:
+    except (InputError, ModelMissingError) as e:
         print(f"dresd-build {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

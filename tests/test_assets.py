@@ -9,7 +9,7 @@ from vllm import SamplingParams
 
 from build_tools.embedded import extract_corpus
 from build_tools.embedded.evaluate import parses
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_DRAFT_MODEL, DEFAULT_MODEL
+from dresd_vllm.assets import DEFAULT_DATASET, TINY_DRAFT_MODEL, TINY_MODEL
 
 CORPUS = Path(DEFAULT_DATASET.train).parent
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
@@ -61,7 +61,7 @@ def test_extraction_reproduces_the_shipped_corpus_byte_for_byte(tmp_path):
 
 
 def test_models_share_the_tokenizer_and_stay_small():
-    target, draft = Path(DEFAULT_MODEL), Path(DEFAULT_DRAFT_MODEL)
+    target, draft = Path(TINY_MODEL), Path(TINY_DRAFT_MODEL)
     assert (target / "tokenizer.json").read_bytes() == (draft / "tokenizer.json").read_bytes()
     for model in (target, draft):
         config = json.loads((model / "config.json").read_text())
@@ -73,7 +73,7 @@ def test_default_model_writes_python_in_vllm(llm_factory, eval_rows):
     # The shortest held-out functions: a trained model finishes some of them within 64 tokens
     # (a CPU decode step takes ~0.1 s here; build_tools/embedded/evaluate.py measures properly).
     rows = sorted(eval_rows, key=lambda r: (len(r["response"]), r["qualname"]))[:8]
-    llm = llm_factory(DEFAULT_MODEL, max_model_len=1024)
+    llm = llm_factory(TINY_MODEL, max_model_len=1024)
     outputs = llm.chat(
         [[{"role": "user", "content": r["instruction"]}] for r in rows],
         SamplingParams(temperature=0.0, max_tokens=64),
@@ -87,13 +87,13 @@ def test_default_model_writes_python_in_vllm(llm_factory, eval_rows):
 def test_draft_model_baseline_is_lossless_on_the_defaults(llm_factory, eval_rows):
     prompts = [[{"role": "user", "content": r["instruction"]}] for r in eval_rows[::150]]
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    plain = llm_factory(DEFAULT_MODEL, max_model_len=1024)
+    plain = llm_factory(TINY_MODEL, max_model_len=1024)
     expected = [o.outputs[0].token_ids for o in plain.chat(prompts, greedy, use_tqdm=False)]
     spec = llm_factory(
-        DEFAULT_MODEL,
+        TINY_MODEL,
         max_model_len=1024,
         disable_log_stats=False,
-        speculative_config={"method": "draft_model", "model": DEFAULT_DRAFT_MODEL, "num_speculative_tokens": 3},
+        speculative_config={"method": "draft_model", "model": TINY_DRAFT_MODEL, "num_speculative_tokens": 3},
     )
     assert [o.outputs[0].token_ids for o in spec.chat(prompts, greedy, use_tqdm=False)] == expected
     accepted = sum(m.value for m in spec.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")

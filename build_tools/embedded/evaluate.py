@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_MODEL
+from dresd_vllm.assets import DEFAULT_DATASET, TINY_MODEL
 
 
 def parses(text: str) -> bool:
@@ -27,7 +27,7 @@ def parses(text: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=TINY_MODEL)
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--show", type=int, default=2, help="print this many outputs")

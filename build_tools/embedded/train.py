@@ -25,13 +25,13 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from build_tools.tiny_model import make_llama, save_checkpoint, train_tokenizer
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_DRAFT_MODEL, DEFAULT_MODEL
+from dresd_vllm.assets import DEFAULT_DATASET, TINY_DRAFT_MODEL, TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 # Sizes and epochs: the target fills ~40 minutes of one core, the draft ~10 (tok/s measured here).
 PRESETS = {
-    "target": dict(out=DEFAULT_MODEL, hidden=256, layers=4, heads=4, intermediate=688, epochs=4.5),
-    "draft": dict(out=DEFAULT_DRAFT_MODEL, hidden=128, layers=2, heads=4, intermediate=344, epochs=2.5),
+    "target": dict(out=TINY_MODEL, hidden=256, layers=4, heads=4, intermediate=688, epochs=4.5),
+    "draft": dict(out=TINY_DRAFT_MODEL, hidden=128, layers=2, heads=4, intermediate=344, epochs=2.5),
 }
 
 
@@ -132,7 +132,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     train_rows, eval_rows = DEFAULT_DATASET.rows("train"), DEFAULT_DATASET.rows("eval")
-    tokenizer_dir = args.tokenizer or (DEFAULT_MODEL if args.preset == "draft" else None)
+    tokenizer_dir = args.tokenizer or (TINY_MODEL if args.preset == "draft" else None)
     if tokenizer_dir:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     else:
