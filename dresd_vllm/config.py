@@ -17,6 +17,8 @@ class _Options:
 
     method: typing.ClassVar[str]
     proposer: typing.ClassVar[str]
+    ranges: typing.ClassVar[dict[str, tuple[float | None, float | None]]] = {}
+    """Closed [low, high] of numeric keys (None: unbounded), checked where the user starts vLLM."""
     datastore: str
 
     def __post_init__(self) -> None:
@@ -28,6 +30,14 @@ class _Options:
                 raise ValueError(
                     f"{self.method} {field.name!r} must be {names}, got {value!r} ({type(value).__name__})"
                 )
+        for name, (low, high) in self.ranges.items():
+            value = getattr(self, name)
+            if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+                bound = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+                raise ValueError(f"{self.method} {name!r} must be {bound}, got {value!r}")
+
+    def check_speculative(self, speculative_config: dict[str, Any]) -> None:
+        """Check vLLM's keys against ours (e.g. `num_speculative_tokens` against the datastore)."""
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]):
@@ -47,6 +57,10 @@ class DresdConfig(_Options):
 
     method: typing.ClassVar[str] = "dresd"
     proposer: typing.ClassVar[str] = "dresd_vllm.proposer.DresdProposer"
+    ranges: typing.ClassVar[dict[str, tuple[float | None, float | None]]] = dict(
+        top_k=(1, None), max_candidates=(1, None), min_support=(0.0, 1.0), nprobe=(1, None), ef_search=(1, None),
+        search_threads=(1, None),
+    )  # fmt: skip
 
     datastore: str
     """Directory written by `dresd-build datastore`."""
@@ -67,6 +81,28 @@ class DresdConfig(_Options):
     """HNSW search depth; None keeps the datastore's setting."""
     search_threads: int = 1
     """FAISS CPU threads; one is fastest for the small batches of a decoding step."""
+    context: bool = True
+    """Also draft from the request's own tokens and earlier responses (suffix tree), keeping per request
+    the chain with the larger expected gain; false: the paper's pure dense retrieval."""
+    context_max_depth: int = 24
+    """Longest context suffix matched (vLLM suffix's suffix_decoding_max_tree_depth)."""
+    context_cached_requests: int = 10000
+    """Earlier responses the context's global tree keeps (0: the request's own tokens only)."""
+    context_min_prob: float = 0.1
+    """The context chain stops where the tree's frequency of its path falls below this."""
+    online_store: bool = True
+    """Add the verified states of served requests, with the tokens that followed, to an in-memory index
+    searched next to the datastore."""
+    online_store_size: int = 100000
+    """Keys the online store holds; the oldest are evicted first."""
+    length_control: bool = True
+    """Cut each draft where its estimated chance of acceptance no longer pays for verifying the token
+    (false: the dense chain stops at min_support, the context chain at context_min_prob)."""
+    adapt: bool = True
+    """Calibrate the acceptance estimates from what vLLM accepted of each draft."""
+    token_cost: float | None = None
+    """Step time one more verified token per request adds, as a share of the step; None: 0.04 on a CPU,
+    0.004 x batch size on a GPU."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,7 +111,22 @@ class DresdConfig(_Options):
                 f"dresd 'datastore': {self.datastore!r} is not a directory; "
                 "point it at the output of `dresd-build datastore`"
             )
-        # Ranges (top_k, max_candidates, min_support) are checked by the Retriever itself.
+
+    def check_speculative(self, speculative_config: dict[str, Any]) -> None:
+        """Refuse more speculative tokens than the datastore stores per key (its `n_next`)."""
+        from .datastore import MANIFEST, DatastoreError, Manifest
+
+        k = speculative_config.get("num_speculative_tokens")
+        try:
+            manifest = Manifest.from_json((Path(self.datastore) / MANIFEST).read_text())
+        except (OSError, DatastoreError):
+            return  # the proposer's load names what is wrong with the datastore
+        if isinstance(k, int) and k > manifest.n_next:
+            raise ValueError(
+                f"num_speculative_tokens={k} is more than the {manifest.n_next} tokens the dresd datastore "
+                f"{self.datastore} stores per key (n_next); use num_speculative_tokens <= {manifest.n_next}, "
+                f"or rebuild the datastore with `dresd-build datastore --n-next {k}`"
+            )
 
 
 @dataclass(frozen=True)
@@ -84,6 +135,9 @@ class RestConfig(_Options):
 
     method: typing.ClassVar[str] = "rest"
     proposer: typing.ClassVar[str] = "dresd_vllm.rest_proposer.RestProposer"
+    ranges: typing.ClassVar[dict[str, tuple[float | None, float | None]]] = dict(
+        max_span=(1, None), min_span=(1, None), max_matches=(1, None), min_support=(0.0, 1.0)
+    )
 
     datastore: str
     """File written by `dresd-build rest`."""
@@ -102,10 +156,11 @@ class RestConfig(_Options):
             raise ValueError(
                 f"rest 'datastore': {self.datastore!r} is not a file; point it at the output of `dresd-build rest`"
             )
-        if not 1 <= self.min_span <= self.max_span:
+        from .suffix_array import check_rest_file
+
+        check_rest_file(self.datastore)
+        if self.min_span > self.max_span:
             raise ValueError(f"rest needs 1 <= 'min_span' ({self.min_span}) <= 'max_span' ({self.max_span})")
-        if self.max_matches < 1 or not 0.0 <= self.min_support <= 1.0:
-            raise ValueError("rest needs 'max_matches' >= 1 and 'min_support' in [0, 1]")
 
 
 METHODS: dict[str, type[_Options]] = {"dresd": DresdConfig, "rest": RestConfig}
@@ -153,7 +208,7 @@ def split_speculative_config(
         )
     if "model" in spec:
         raise ValueError(f"method {method!r} takes no 'model': it drafts by retrieval, not with a draft model")
-    options_class.from_dict(ours)
+    options_class.from_dict(ours).check_speculative(spec)
     extra = dict(additional_config or {})
     extra[method] = ours
     return {**spec, "method": "custom_class", "model": options_class.proposer}, extra

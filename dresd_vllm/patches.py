@@ -3,8 +3,8 @@
 1. `EngineArgs.create_speculative_config`: `{"method": "dresd" | "rest", ...}` becomes vLLM's custom_class
    form (vLLM's `method` is a closed Literal and `SpeculativeConfig` forbids extra keys).
 2. `GPUModelRunner.propose_draft_token_ids` (the CPU runner inherits it): hands a drafter that has
-   `capture_hidden_states` the post-norm last-layer state of each request's last verified
-   position, which custom_class proposers are not given.
+   `capture_hidden_states` the post-norm last-layer states of each request's verified positions
+   and the batch's request ids, which custom_class proposers are not given.
 3. `WorkerBase.dresd_stats`: lets `LLM.collective_rpc("dresd_stats")` read the proposer's counters
    from the worker, in-process or not.
 4. On the CPU build, `CpuPlatform.register_triton_kernel_overrides` runs once per process: vLLM
@@ -98,7 +98,10 @@ def _capture_hidden_states(propose_draft_token_ids):
     ):  # fmt: skip
         capture = getattr(getattr(self, "drafter", None), "capture_hidden_states", None)
         if capture is not None and isinstance(sampled_token_ids, list):
-            capture(last_verified_states(sample_hidden_states, sampled_token_ids, spec_decode_metadata))
+            capture(
+                verified_states(sample_hidden_states, sampled_token_ids, spec_decode_metadata),
+                self.input_batch.req_ids[: len(sampled_token_ids)],
+            )
         return propose_draft_token_ids(
             self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
             sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
@@ -108,21 +111,24 @@ def _capture_hidden_states(propose_draft_token_ids):
     return wrapper
 
 
-def last_verified_states(
+def verified_states(
     sample_hidden_states: torch.Tensor, sampled_token_ids: list[list[int]], spec_decode_metadata
 ) -> torch.Tensor:
-    """One row per request: the state that produced its last sampled token.
+    """The states of every verified position, request after request: `len(sampled_token_ids[i])` rows each.
 
-    With drafts, request i owns `num_draft_tokens[i] + 1` consecutive rows and its last verified
-    one is `len(sampled_token_ids[i]) - 1` into them; without, there is one row per request.
+    Row j of request i produced its sampled token j. With drafts, request i owns `num_draft_tokens[i] + 1`
+    consecutive rows of which the first `len(sampled_token_ids[i])` were verified; without, one row each.
     """
+    batch = len(sampled_token_ids)
     if spec_decode_metadata is None:
-        return sample_hidden_states[: len(sampled_token_ids)]
-    rows_per_request = np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64) + 1
+        rows_per_request = np.ones(batch, dtype=np.int64)
+    else:
+        rows_per_request = np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64) + 1
     starts = np.cumsum(rows_per_request) - rows_per_request
-    verified = np.fromiter((max(len(t), 1) for t in sampled_token_ids), np.int64, len(sampled_token_ids))
-    rows = torch.from_numpy(starts + verified - 1).to(sample_hidden_states.device)
-    return sample_hidden_states.index_select(0, rows)
+    verified = np.fromiter(map(len, sampled_token_ids), np.int64, batch)
+    within = np.arange(int(verified.sum())) - np.repeat(np.cumsum(verified) - verified, verified)
+    rows = torch.from_numpy(np.repeat(starts, verified) + within)
+    return sample_hidden_states.index_select(0, rows.to(sample_hidden_states.device))
 
 
 def expand_kernel(

@@ -1,8 +1,8 @@
 """The DReSD proposer for vLLM's custom_class speculative hook.
 
 vLLM builds one `DresdProposer(vllm_config)` per worker. Every step the patched runner hands it the
-hidden state that produced each request's last sampled token (`capture_hidden_states`), then calls
-`propose`, which drafts for the whole batch in one retriever call.
+states of each request's verified positions and the batch's request ids (`capture_hidden_states`),
+then calls `propose`, which drafts for the whole batch through one :class:`Drafter` step.
 """
 
 import dataclasses
@@ -11,21 +11,21 @@ import faiss
 import numpy as np
 import torch
 from vllm.config import VllmConfig
-from vllm.logger import init_logger
+from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
 from . import patches
 from .config import DresdConfig
 from .datastore import Datastore, tokenizer_fingerprint
-from .proposer_base import GuardedProposer
-from .retriever import Retriever
+from .drafting import Drafter
+from .proposer_base import GuardedProposer, proposer_logger
 
-logger = init_logger(__name__)
+logger = proposer_logger(__name__)
 
 patches.apply()  # the plugin-free custom_class form still needs the hidden-state capture
 
 
 class DresdProposer(GuardedProposer):
-    """Drafts by dense retrieval of the target model's own last-layer hidden states."""
+    """Drafts by dense retrieval of the target model's own hidden states, and from each request's context."""
 
     method = "dresd"
 
@@ -45,24 +45,28 @@ class DresdProposer(GuardedProposer):
             vocab_size=model_config.get_vocab_size(),
             tokenizer_fingerprint=model_tokenizer_fingerprint(model_config),
         )
-        self.retriever = Retriever(
-            self.datastore,
-            top_k=self.config.top_k,
-            merge=self.config.merge,
-            min_support=self.config.min_support,
-            max_candidates=self.config.max_candidates,
-            search_threads=self.config.search_threads,
+        self.drafter = Drafter(self.datastore, self.config, device=vllm_config.device_config.device)
+        self.retriever = self.drafter.retriever
+        # vLLM's batch-size schedule for num_speculative_tokens, applied here so no draft is made to be cut.
+        schedule = vllm_config.speculative_config.num_speculative_tokens_per_batch_size
+        max_batch = vllm_config.scheduler_config.max_num_seqs
+        self._k_by_batch = (
+            np.asarray(build_dynamic_sd_schedule_lookup(schedule, max_batch, self.k))
+            if schedule
+            else np.full(max_batch + 1, self.k)
         )
-        self._hidden: torch.Tensor | None = None
+        self._verified: torch.Tensor | None = None
+        self._req_ids: list[str] = []
         self._omp_threads = faiss.omp_get_max_threads()
         logger.info(
-            "DReSD: %d keys from %s, top_k=%d, merge=%s, k=%d",
+            "DReSD: %d keys from %s, top_k=%d, merge=%s, k=%d, context=%s, online_store=%s, length_control=%s",
             self.datastore.manifest.num_keys, self.config.datastore, self.config.top_k, self.config.merge, self.k,
+            self.config.context, self.config.online_store, self.config.length_control,
         )  # fmt: skip
 
-    def capture_hidden_states(self, hidden: torch.Tensor) -> None:
-        """Called by the patched runner with one row per request, in batch order."""
-        self._hidden = hidden
+    def capture_hidden_states(self, verified: torch.Tensor, req_ids: list[str]) -> None:
+        """Called by the patched runner: the states of every verified position, request after request."""
+        self._verified, self._req_ids = verified, list(req_ids)
 
     def _draft(
         self,
@@ -73,24 +77,31 @@ class DresdProposer(GuardedProposer):
     ) -> list[list[int]]:
         # The setting this step's forward pass ran with: a proposer that leaked FAISS's would show it here.
         self._omp_threads = min(self._omp_threads, faiss.omp_get_max_threads())
-        hidden, self._hidden = self._hidden, None
-        if hidden is None:
+        verified, self._verified = self._verified, None
+        if verified is None:
             raise RuntimeError("no hidden states were captured for this step; is dresd_vllm.patches applied?")
-        if hidden.shape[0] != len(sampled_token_ids):
-            raise RuntimeError(f"captured {hidden.shape[0]} hidden states for {len(sampled_token_ids)} requests")
-        # -1 never matches a stored token: partial prefills (no token sampled) get no draft.
-        last_tokens = np.fromiter((t[-1] if t else -1 for t in sampled_token_ids), np.int64, len(sampled_token_ids))
-        return self.retriever.draft(hidden, last_tokens, max_len)
+        if len(self._req_ids) != len(sampled_token_ids):
+            raise RuntimeError(f"captured {len(self._req_ids)} request ids for {len(sampled_token_ids)} requests")
+        batch = len(sampled_token_ids)
+        max_len = np.minimum(max_len, self._k_by_batch[min(batch, len(self._k_by_batch) - 1)])
+        return self.drafter.step(self._req_ids, sampled_token_ids, num_tokens, token_ids_cpu, verified, max_len)
 
     def stats(self) -> dict[str, float]:
-        """The base counters plus the retriever's stage times and filter counts."""
+        """The base counters plus the retriever's stage times and filter counts and the drafter's choices."""
         stats = super().stats()
         retriever = dataclasses.asdict(self.retriever.stats)
+        drafter = dataclasses.asdict(self.drafter.stats)
         steps = max(stats["steps"], 1)
         for stage in ("projection", "search", "merge"):
             stats[f"{stage}_s"] = retriever[f"{stage}_s"]
             stats[f"{stage}_ms_per_step"] = 1e3 * retriever[f"{stage}_s"] / steps
+        for stage in ("context", "score"):
+            stats[f"{stage}_s"] = drafter[f"{stage}_s"]
+            stats[f"{stage}_ms_per_step"] = 1e3 * drafter[f"{stage}_s"] / steps
         stats["hits"], stats["survivors"] = retriever["hits"], retriever["survivors"]
+        stats["online_survivors"] = retriever["online_survivors"]
+        for name in ("picked_dense", "picked_context", "dense_tokens", "context_tokens", "online_keys"):
+            stats[name] = drafter[name]
         stats["omp_threads_min"] = self._omp_threads
         return stats
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dresd_vllm.datastore import Datastore
+from dresd_vllm.online_store import OnlineStore
 
 MERGES = ("trie", "top1")
 # Survivors weigh their cosine similarity, floored so that a survivor with a
@@ -55,6 +56,7 @@ class RetrieverStats:
     hits: int = 0  # neighbours found, before the first-token filter
     survivors: int = 0  # neighbours whose first token matched
     draft_tokens: int = 0
+    online_survivors: int = 0  # online-store neighbours whose first token matched
 
     def reset(self) -> None:
         for f in dataclasses.fields(self):
@@ -107,47 +109,87 @@ class Retriever:
         a ``last_tokens`` entry of -1 matches nothing and gets no draft.
         """
         batch = hidden.shape[0]
+        max_len = np.broadcast_to(np.asarray(max_len, dtype=np.int64), (batch,))
+        width = min(int(max_len.max(initial=0)), self.datastore.n_next)
+        if width <= 0:
+            self.stats.calls += 1
+            self.stats.requests += batch
+            return [[] for _ in range(batch)]
+        start = time.perf_counter()
+        queries = self.datastore.projection(hidden)
+        self.stats.projection_s += time.perf_counter() - start
+        found = self.candidates(queries, last_tokens, width)
+        lengths = np.minimum(found.lengths(self.min_support if self.merge == "trie" else 0.0), max_len)
+        self.stats.draft_tokens += int(lengths.sum())
+        return [found.tokens[i, : lengths[i]].tolist() for i in range(batch)]
+
+    def candidates(
+        self, queries: torch.Tensor, last_tokens: np.ndarray, width: int, online: OnlineStore | None = None
+    ) -> DenseCandidates:
+        """The merged chain of ``width`` tokens per request from projected ``queries [B, d]``.
+
+        Hits of the static index and of ``online`` (searched alike, ``top_k`` each) compete on
+        similarity for the ``max_candidates`` slots. Online hits whose continuation is not known yet
+        do not count.
+        """
+        batch = queries.shape[0]
         last_tokens = np.asarray(last_tokens, dtype=np.int64)
         if last_tokens.shape != (batch,):
             raise ValueError(f"last_tokens must have shape ({batch},), got {last_tokens.shape}")
-        max_len = np.broadcast_to(np.asarray(max_len, dtype=np.int64), (batch,))
-        width = min(int(max_len.max(initial=0)), self.datastore.n_next)
         stats = self.stats
         stats.calls += 1
         stats.requests += batch
-        if width <= 0:
-            return [[] for _ in range(batch)]
-
         start = time.perf_counter()
-        queries = self.datastore.projection(hidden)
-        projected = time.perf_counter()
         with omp_threads(self.search_threads):
             scores, ids = self.datastore.index.search(queries, self.top_k)
         searched = time.perf_counter()
 
         keep = self.datastore.first_tokens(ids) == last_tokens[:, None]
+        stats.hits += int((ids >= 0).sum())
+        stats.survivors += int(keep.sum())
         # The best max_candidates survivors per request in score order, padded with invalid slots.
         order = np.argsort(~keep, axis=1, kind="stable")[:, : self.max_candidates]
         valid = np.take_along_axis(keep, order, axis=1)
-        cand_ids = np.where(valid, np.take_along_axis(ids, order, axis=1), -1)
-        drafts = self.datastore.continuations(cand_ids)[:, :, 1 : 1 + width]
+        cand_scores = np.where(valid, np.take_along_axis(scores, order, axis=1), -np.inf)
+        values = self.datastore.continuations(np.where(valid, np.take_along_axis(ids, order, axis=1), -1))
+        if online is not None and len(online):
+            o_scores, o_values = online.search(queries, self.top_k)
+            o_keep = (o_values[:, :, 0] == last_tokens[:, None]) & (o_values[:, :, 1] >= 0)
+            stats.online_survivors += int(o_keep.sum())
+            cand_scores = np.concatenate([cand_scores, np.where(o_keep, o_scores, -np.inf)], axis=1)
+            values = np.concatenate([values, o_values], axis=1)
+            order = np.argsort(-cand_scores, axis=1, kind="stable")[:, : self.max_candidates]
+            cand_scores = np.take_along_axis(cand_scores, order, axis=1)
+            values = np.take_along_axis(values, order[:, :, None], axis=1)
+            valid = np.isfinite(cand_scores)
+        drafts = values[:, :, 1 : 1 + width]
         if self.merge == "top1":
-            chains = drafts[:, 0]
-            lengths = np.where(valid[:, 0], width, 0)
+            chains = drafts[:, 0].astype(np.int64)
+            support = np.broadcast_to(valid[:, :1], chains.shape).astype(np.float32)
         else:
-            weights = np.where(valid, np.maximum(np.take_along_axis(scores, order, axis=1), _MIN_WEIGHT), 0.0)
-            chains, lengths = merge_trie(drafts, weights.astype(np.float32), valid, self.min_support)
-        lengths = np.minimum(lengths, max_len)
-        out = [chains[i, : lengths[i]].tolist() for i in range(batch)]
-        merged = time.perf_counter()
+            weights = np.where(valid, np.maximum(cand_scores, _MIN_WEIGHT), 0.0).astype(np.float32)
+            chains, support = trie_path(drafts, weights, valid)
+        # An online value not known yet (-1) ends the chain.
+        support = np.where(np.logical_and.accumulate(chains >= 0, axis=1), support, 0.0).astype(np.float32)
+        stats.search_s += searched - start
+        stats.merge_s += time.perf_counter() - searched
+        return DenseCandidates(chains, support, valid.sum(axis=1), np.where(valid[:, 0], cand_scores[:, 0], 0.0))
 
-        stats.projection_s += projected - start
-        stats.search_s += searched - projected
-        stats.merge_s += merged - searched
-        stats.hits += int((ids >= 0).sum())
-        stats.survivors += int(keep.sum())
-        stats.draft_tokens += int(lengths.sum())
-        return out
+
+@dataclasses.dataclass
+class DenseCandidates:
+    """One merged chain per request and what it rests on."""
+
+    tokens: np.ndarray  # int64 [B, W]
+    support: np.ndarray  # float32 [B, W]: share of the survivors' weight still on the chain at depth j; 0 = none
+    survivors: np.ndarray  # int64 [B]
+    top_similarity: np.ndarray  # float32 [B]: similarity of the nearest survivor (0 without one)
+
+    def lengths(self, min_support: float) -> np.ndarray:
+        """Chain lengths where the support stays >= ``min_support`` (and > 0)."""
+        # The relative slack keeps a branch that every survivor shares at exactly 1.0 support.
+        enough = (self.support >= min_support * (1 - 1e-6)) & (self.support > 0)
+        return np.logical_and.accumulate(enough, axis=1).sum(axis=1)
 
 
 def merge_trie(
@@ -156,7 +198,20 @@ def merge_trie(
     """Merge ``drafts [B, C, W]`` (candidates best first) into one chain per request.
 
     ``weights [B, C]`` are the candidates' similarity weights (0 where ``valid`` is False).
-    Returns ``(chains [B, W], lengths [B])``: row b's draft is ``chains[b, :lengths[b]]``.
+    Returns ``(chains [B, W], lengths [B])``: row b's draft is ``chains[b, :lengths[b]]``, cut at the
+    first depth where its branch holds less than ``min_support`` of the total weight.
+    """
+    chains, support = trie_path(drafts, weights, valid)
+    lengths = DenseCandidates(chains, support, valid.sum(axis=1), np.zeros(len(chains))).lengths(min_support)
+    return chains, lengths
+
+
+def trie_path(drafts: np.ndarray, weights: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The heaviest path of the prefix trie of ``drafts [B, C, W]`` (candidates best first).
+
+    ``weights [B, C]`` are the candidates' similarity weights (0 where ``valid`` is False).
+    Returns ``(chains int64 [B, W], support float32 [B, W])``: support is the share of the total
+    weight on the chain's branch at each depth (non-increasing; 0 for a request without survivors).
 
     The greedy heaviest-branch walk is computed without walking: candidate ``a``
     lies on the greedy path iff, against every candidate ``c``, its branch wins at
@@ -177,10 +232,7 @@ def merge_trie(
     wins = (w_a > w_c) | ((w_a == w_c) & (m_a <= m_c)) | (common == width) | ~valid[:, None, :]
     on_path = wins.all(axis=2) & valid
     winner = on_path.argmax(axis=1)
-    chains = drafts[np.arange(batch), winner]
-    total = weights.sum(axis=1, keepdims=True)
-    support = branch_weight[np.arange(batch), winner]  # [B, W], non-increasing along the chain
-    # The relative slack keeps a branch that every survivor shares at exactly 1.0 support.
-    enough = support >= min_support * total * (1 - 1e-6)
-    lengths = np.logical_and.accumulate(enough, axis=1).sum(axis=1)
-    return chains, np.where(valid.any(axis=1), lengths, 0)
+    chains = drafts[np.arange(batch), winner].astype(np.int64)
+    total = np.maximum(weights.sum(axis=1, keepdims=True), _MIN_WEIGHT)
+    support = branch_weight[np.arange(batch), winner] / total  # non-increasing along the chain
+    return chains, np.where(valid.any(axis=1)[:, None], support, 0.0).astype(np.float32)

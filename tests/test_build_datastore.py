@@ -66,7 +66,7 @@ def test_keys_are_the_states_the_proposer_captures_when_serving(tiny_model, buil
         propose = drafter.propose
 
         def recording(*args, **kwargs):
-            drafter.captured.append(drafter._hidden.detach().float().cpu().clone())
+            drafter.captured.append(drafter._verified.detach().float().cpu().clone())
             return propose(*args, **kwargs)
 
         drafter.propose = recording

@@ -204,4 +204,7 @@ def test_merge_of_identical_drafts_and_of_one_candidate():
 
 def test_stats_fields_are_what_the_proposer_reports():
     names = [f.name for f in dataclasses.fields(RetrieverStats)]
-    assert names == ["calls", "requests", "projection_s", "search_s", "merge_s", "hits", "survivors", "draft_tokens"]
+    assert names == [
+        "calls", "requests", "projection_s", "search_s", "merge_s", "hits", "survivors", "draft_tokens",
+        "online_survivors",
+    ]  # fmt: skip

@@ -1,0 +1,268 @@
+"""One DReSD drafting step: capture -> sources -> candidates -> score -> cut -> draft.
+
+Sources: the static dense index and the online dense index (searched together by the
+:class:`~dresd_vllm.retriever.Retriever`), and the request's own context (:class:`ContextSource`).
+Each gives one chain per request with a per-position feature in [0, 1]. The :class:`Scorer` turns a
+feature into the estimated chance that the position is accepted given the one before was, from a
+table of cells (source, strength bucket, depth, feature bin) learnt from what vLLM actually
+accepted; the product along the chain is the chance the position is reached and accepted.
+:func:`cut` stops a chain where that chance no longer pays for verifying the token, and :func:`pick`
+keeps, per request, the chain with the larger expected net gain. The engine's proposer and
+`dresd-bench replay` both drive the same :class:`Drafter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .config import DresdConfig
+from .context import ContextSource
+from .datastore import Datastore
+from .online_store import OnlineStore
+from .retriever import Retriever
+
+SOURCES = ("dense", "context")
+DENSE, CONTEXT = 0, 1
+BINS = 10  # feature bins of width 0.1
+DEPTHS = 4  # draft positions 0, 1, 2, 3+
+# Strength buckets: survivors of the first-token filter (dense), tokens matched (context).
+DENSE_BUCKETS = np.array([2, 4, 7])  # 1, 2-3, 4-6, 7+ survivors
+CONTEXT_BUCKETS = np.array([3, 6, 12])  # 1-2, 3-5, 6-11, 12+ tokens matched
+BUCKETS = 4
+# Weight of the prior (the raw feature) in tokens-worth of evidence per cell.
+PRIOR_WEIGHT = 8.0
+# The running mean of tokens per request and step adapts with this rate.
+TOKENS_PER_STEP_RATE = 0.02
+# What one verified draft token per request adds to a step's time, as a share of the step, when the
+# user gives no token_cost: measured on this project's CPU machine (+50% for 10 tokens at batch 1 on
+# the tiny model, +20% for 5.5 on SmolLM2), and for a memory-bound GPU step at batch 1, growing with
+# the batch until the step is compute-bound.
+CPU_TOKEN_COST = 0.04
+GPU_TOKEN_COST = 0.004
+
+
+class Scorer:
+    """Estimated acceptance per draft position, calibrated online from what each request accepted."""
+
+    def __init__(self, adapt: bool = True):
+        self.adapt = adapt
+        shape = (len(SOURCES), BUCKETS, DEPTHS, BINS)
+        centres = (np.arange(BINS, dtype=np.float64) + 0.5) / BINS
+        self.prior = np.broadcast_to(centres, shape).reshape(-1).copy()
+        self.trials = np.zeros(self.prior.shape)
+        self.accepted = np.zeros(self.prior.shape)
+
+    def cells(self, source: int, conditional: np.ndarray, bucket: np.ndarray) -> np.ndarray:
+        """Flat cell index ``[B, W]`` of each position: (source, bucket [B], depth, feature bin)."""
+        width = conditional.shape[1]
+        depth = np.minimum(np.arange(width), DEPTHS - 1)
+        bins = np.clip((conditional * BINS).astype(np.int64), 0, BINS - 1)
+        return ((source * BUCKETS + bucket[:, None]) * DEPTHS + depth) * BINS + bins
+
+    def probability(self, cells: np.ndarray) -> np.ndarray:
+        """P(accepted | the position before was) of each cell."""
+        return (self.accepted[cells] + PRIOR_WEIGHT * self.prior[cells]) / (self.trials[cells] + PRIOR_WEIGHT)
+
+    def update(self, cells: np.ndarray, accepted: int) -> None:
+        """A draft over ``cells`` (in order) had its first ``accepted`` tokens accepted."""
+        if not self.adapt:
+            return
+        reached = cells[: accepted + 1]
+        np.add.at(self.trials, reached, 1.0)
+        np.add.at(self.accepted, cells[:accepted], 1.0)
+
+    def table(self) -> dict[str, list]:
+        """The calibration table as nested lists [source][bucket][depth][bin] (for reports)."""
+        shape = (len(SOURCES), BUCKETS, DEPTHS, BINS)
+        return dict(
+            probability=self.probability(np.arange(self.prior.size)).reshape(shape).round(4).tolist(),
+            trials=self.trials.reshape(shape).astype(int).tolist(),
+        )
+
+
+def conditional(cumulative: np.ndarray) -> np.ndarray:
+    """Per-position ratios of a non-increasing chain feature ``[B, W]`` (the chance given the position before)."""
+    before = np.concatenate([np.ones((cumulative.shape[0], 1), np.float32), cumulative[:, :-1]], axis=1)
+    return np.divide(cumulative, before, out=np.zeros_like(cumulative), where=before > 0)
+
+
+def cut(reach: np.ndarray, threshold: np.ndarray | float) -> np.ndarray:
+    """Lengths ``[B]``: the longest prefix whose chance of being reached and accepted is >= ``threshold``."""
+    return np.logical_and.accumulate(reach >= np.reshape(threshold, (-1, 1)), axis=1).sum(axis=1)
+
+
+def gain(reach: np.ndarray, lengths: np.ndarray, threshold: np.ndarray | float) -> np.ndarray:
+    """Expected accepted tokens of each cut chain, less the cost of verifying them (in tokens)."""
+    kept = np.arange(reach.shape[1]) < lengths[:, None]
+    return np.where(kept, reach - np.reshape(threshold, (-1, 1)), 0.0).sum(axis=1)
+
+
+def pick(gains: np.ndarray) -> np.ndarray:
+    """Source per request ``[B]`` from ``gains [S, B]``: the largest, ties to the first (dense)."""
+    return gains.argmax(axis=0)
+
+
+@dataclasses.dataclass
+class DrafterStats:
+    """Cumulative counters of a :class:`Drafter`."""
+
+    picked_dense: int = 0
+    picked_context: int = 0
+    dense_tokens: int = 0  # draft tokens that came from the dense chain
+    context_tokens: int = 0
+    context_s: float = 0.0
+    score_s: float = 0.0
+    online_keys: int = 0  # keys in the online store now
+
+
+class Drafter:
+    """The whole drafting path of one DReSD proposer (see the module docstring)."""
+
+    def __init__(self, datastore: Datastore, config: DresdConfig, device: torch.device | str = "cpu"):
+        self.config = config
+        self.datastore = datastore
+        self.length_control = config.length_control
+        self.retriever = Retriever(
+            datastore,
+            top_k=config.top_k,
+            merge=config.merge,
+            min_support=config.min_support,
+            max_candidates=config.max_candidates,
+            search_threads=config.search_threads,
+        )
+        self.online = (
+            OnlineStore(datastore.manifest.pca_dim, datastore.n_next, config.online_store_size, datastore.index.device)
+            if config.online_store
+            else None
+        )
+        self.context = (
+            ContextSource(
+                max_depth=config.context_max_depth,
+                cached_requests=config.context_cached_requests,
+                min_token_prob=config.context_min_prob,
+            )
+            if config.context
+            else None
+        )
+        self.scorer = Scorer(adapt=config.adapt)
+        self.device_type = torch.device(device).type
+        self.tokens_per_step = 1.0
+        self.stats = DrafterStats()
+        self._drafted: dict[object, np.ndarray] = {}  # request id -> cells of its last draft
+
+    def token_cost(self, batch: int) -> float:
+        """Share of a step that one more verified token per request costs, at this batch size."""
+        if self.config.token_cost is not None:
+            return self.config.token_cost
+        if self.device_type == "cuda":
+            return min(GPU_TOKEN_COST * batch, 1.0)
+        return CPU_TOKEN_COST
+
+    def step(
+        self,
+        req_ids: Sequence[object],
+        sampled_token_ids: Sequence[Sequence[int]],
+        num_tokens: np.ndarray,
+        token_ids: np.ndarray,
+        verified: torch.Tensor,
+        max_len: np.ndarray,
+    ) -> list[list[int]]:
+        """Drafts for one step of the batch.
+
+        ``verified`` holds, request after request, the states of this step's verified positions:
+        ``len(sampled_token_ids[i])`` rows each, the last being the state that produced request i's
+        last token. ``token_ids[i, :num_tokens[i]]`` are its tokens so far; ``max_len[i]`` caps its draft.
+        """
+        batch = len(req_ids)
+        counts = np.fromiter(map(len, sampled_token_ids), np.int64, batch)
+        if verified.shape[0] != counts.sum():
+            raise RuntimeError(f"captured {verified.shape[0]} verified states for {int(counts.sum())} sampled tokens")
+        self._learn(req_ids, sampled_token_ids)
+        # -1 never matches a stored token: partial prefills (no token sampled) get no draft.
+        last_tokens = np.fromiter((t[-1] if t else -1 for t in sampled_token_ids), np.int64, batch)
+        width = int(max_len.max(initial=0))
+        start = time.perf_counter()
+        keys = self.datastore.projection(verified) if verified.shape[0] else None
+        self.retriever.stats.projection_s += time.perf_counter() - start
+
+        sources: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (source, tokens, conditional, bucket)
+        dense_width = min(width, self.datastore.n_next)
+        if keys is not None and dense_width > 0:
+            ends = np.cumsum(counts) - 1
+            queries = keys[torch.from_numpy(np.maximum(ends, 0)).to(keys.device)]
+            if self.online is not None:
+                self.online.fill(req_ids, token_ids, num_tokens)
+            dense = self.retriever.candidates(queries, last_tokens, dense_width, self.online)
+            tokens = np.full((batch, width), -1, dtype=np.int64)
+            support = np.zeros((batch, width), dtype=np.float32)
+            own = dense.lengths(0.0 if self.length_control else self.retriever.min_support)
+            if self.retriever.merge == "top1" and not self.length_control:
+                own = np.where(dense.survivors > 0, dense_width, 0)
+            keep = np.arange(dense_width) < own[:, None]
+            tokens[:, :dense_width] = np.where(keep, dense.tokens, -1)
+            support[:, :dense_width] = np.where(keep, dense.support, 0.0)
+            sources.append(
+                (DENSE, tokens, conditional(support), np.searchsorted(DENSE_BUCKETS, dense.survivors, "right"))
+            )
+        if self.online is not None and keys is not None:
+            owners = np.repeat(np.asarray(req_ids, dtype=object), counts)
+            positions = np.repeat(num_tokens[:batch] - counts, counts) + _ranks(counts)
+            self.online.add(keys, list(owners), positions)
+            self.stats.online_keys = len(self.online)
+        if self.context is not None:
+            start = time.perf_counter()
+            found = self.context.candidates(req_ids, sampled_token_ids, num_tokens, token_ids, width)
+            self.stats.context_s += time.perf_counter() - start
+            bucket = np.searchsorted(CONTEXT_BUCKETS, found.match_len, "right")
+            sources.append((CONTEXT, found.tokens, conditional(found.probs), bucket))
+        if not sources or width <= 0:
+            return [[] for _ in range(batch)]
+
+        start = time.perf_counter()
+        threshold = self.token_cost(batch) * self.tokens_per_step if self.length_control else 0.0
+        gains, lengths, cells = [], [], []
+        for source, tokens, cond, bucket in sources:
+            cell = self.scorer.cells(source, cond, bucket)
+            present = tokens >= 0
+            reach = np.cumprod(np.where(present, self.scorer.probability(cell), 0.0), axis=1)
+            n = np.minimum(cut(reach, threshold) if self.length_control else present.sum(axis=1), max_len)
+            gains.append(gain(reach, n, threshold))
+            lengths.append(n)
+            cells.append(cell)
+        chosen = pick(np.stack(gains)) if len(sources) > 1 else np.zeros(batch, dtype=np.int64)
+        drafts = []
+        for i in range(batch):
+            s = int(chosen[i])
+            n = int(lengths[s][i])
+            drafts.append(sources[s][1][i, :n].tolist())
+            if n:
+                self._drafted[req_ids[i]] = cells[s][i, :n]
+                if sources[s][0] == DENSE:
+                    self.stats.picked_dense += 1
+                    self.stats.dense_tokens += n
+                else:
+                    self.stats.picked_context += 1
+                    self.stats.context_tokens += n
+        self.stats.score_s += time.perf_counter() - start
+        return drafts
+
+    def _learn(self, req_ids: Sequence[object], sampled_token_ids: Sequence[Sequence[int]]) -> None:
+        """Feed back what vLLM accepted of each request's previous draft (its sampled tokens less one)."""
+        drafted, self._drafted = self._drafted, {}
+        for req_id, sampled in zip(req_ids, sampled_token_ids, strict=True):
+            if not sampled:
+                continue
+            self.tokens_per_step += TOKENS_PER_STEP_RATE * (len(sampled) - self.tokens_per_step)
+            cells = drafted.get(req_id)
+            if cells is not None:
+                self.scorer.update(cells, len(sampled) - 1)
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., counts[i] - 1 for each i, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
