@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -30,7 +32,7 @@ import torch
 
 from dresd_vllm.datastore import Datastore, Manifest, token_store_from_sequences, write_datastore
 from dresd_vllm.evaluation import recall_at_k, self_retrieval_mrr
-from dresd_vllm.index import BACKENDS
+from dresd_vllm.index import BACKENDS, add_keys, auto_factory, new_index, set_search_defaults, train_index, train_rows
 from dresd_vllm.projection import Projection
 from dresd_vllm.retriever import MERGES, Retriever
 
@@ -107,7 +109,7 @@ def synthetic_datastore(
     seq_len: int = 512,
     **corpus_options: Any,
 ) -> tuple[SyntheticCorpus, np.ndarray, dict[str, float]]:
-    """Write a synthetic datastore at ``path``; returns the corpus, the keys and build timings."""
+    """Write a synthetic datastore at ``path``; returns the corpus, the keys and build timings per stage."""
     # About 1000 keys per cluster at every size, so neighbourhoods look alike from 1e3 to 1e6 keys.
     corpus = SyntheticCorpus(hidden_size, num_clusters=max(8, num_keys // 1000), seed=seed, **corpus_options)
     rng = np.random.default_rng(seed + 1)
@@ -127,6 +129,17 @@ def synthetic_datastore(
     ]
     tokens, offsets = token_store_from_sequences(sequences, n_next, eos_id=1)
     generate_s = time.perf_counter() - t0
+    factory = auto_factory(num_keys) if factory == "auto" else factory
+    t0 = time.perf_counter()
+    index = new_index(pca_dim, factory)
+    rows = train_rows(num_keys, index, seed)
+    if len(rows):
+        train_index(index, keys[rows], seed)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    add_keys(index, keys, 0)
+    set_search_defaults(index)
+    add_s = time.perf_counter() - t0
     manifest = Manifest(
         model="synthetic",
         hidden_size=hidden_size,
@@ -140,8 +153,14 @@ def synthetic_datastore(
         build={"seed": seed, "generator": "benchmarks.retrieval.SyntheticCorpus"},
     )
     t0 = time.perf_counter()
-    write_datastore(path, manifest, projection, keys, tokens, offsets)
-    return corpus, keys, {"generate_s": generate_s, "index_and_write_s": time.perf_counter() - t0}
+    write_datastore(path, manifest, projection, index, tokens, offsets)
+    stages = {"generate_s": generate_s, "train_s": train_s, "add_s": add_s, "write_s": time.perf_counter() - t0}
+    return corpus, keys, stages
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -206,8 +225,11 @@ def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[
     hidden = torch.from_numpy(corpus.states(clusters, rng)).to(device)
 
     results = []
+    peak_build_mb = _peak_rss_mb()
     for nprobe in args.nprobe or [None]:
+        t0 = time.perf_counter()
         ds = Datastore.load(path, backend=args.backend, device=device, nprobe=nprobe)
+        load_s = time.perf_counter() - t0
         recall = recall_at_k(ds.index, keys, ds.projection(hidden), args.top_k)
         retriever = Retriever(ds, top_k=args.top_k, merge=args.merge, min_support=args.min_support)
         latency = {
@@ -226,10 +248,14 @@ def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[
                 "self_mrr": self_retrieval_mrr(ds.index, keys, args.top_k, sample_size=args.queries, seed=args.seed),
                 "bytes_per_key_disk": sum(disk.values()) / num_keys,
                 "disk_bytes": disk,
-                # The token store is memory-mapped: it costs page cache on demand, not resident memory.
                 "bytes_per_key_memory": memory / num_keys,
+                # What the server holds per key: the searched structure (codes, ids, lists) and the offsets.
+                "bytes_per_key_server": (memory + ds.offsets.nbytes) / num_keys,
                 "bytes_per_key_token_store": (disk["tokens.npy"] + disk["offsets.npy"]) / num_keys,
                 "build_s": {**build_s, **ds.manifest.build},
+                "load_s": load_s,
+                "peak_rss_mb_build": peak_build_mb,
+                "load_average": os.getloadavg(),
                 "latency": latency,
             }
         )
@@ -247,6 +273,7 @@ HEADERS = [
     "p99 ms",
     "proj/search/merge ms",
     "recall",
+    "B/key mem",
     "B/key disk",
 ]
 
@@ -267,6 +294,7 @@ def _print_rows(results: list[dict[str, Any]], top_k: int) -> None:
                     fmt(lat["p99_ms"], ".3f"),
                     stages,
                     fmt(r[f"recall@{top_k}"], ".3f"),
+                    fmt(r["bytes_per_key_server"], ".0f"),
                     fmt(r["bytes_per_key_disk"], ".0f"),
                 ]
             )

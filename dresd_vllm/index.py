@@ -24,6 +24,8 @@ FLAT_MAX_KEYS = 50_000
 # 2M keys); above it they are product-quantised (PQ_CODE, see auto_factory).
 SQ_MAX_KEYS = 2_000_000
 PQ_CODE = "PQ32"
+# Keys an IVF search scans by default (see nprobe_for).
+SCAN_KEYS = 8192
 # FAISS k-means warns below 39 training points per centroid; 64 gives centroids as
 # good for search as FAISS's own cap of 256 at a quarter of the training time.
 _TRAIN_PER_CENTROID = 64
@@ -51,17 +53,21 @@ def auto_factory(num_keys: int) -> str:
 
 
 def default_nprobe(index: faiss.Index) -> int | None:
-    """The nprobe the build stores with an IVF index; None for other indexes.
-
-    1/128 of the lists and at least 32: at 1e6 keys (4096 lists) it scans ~8k keys
-    in ~0.2 ms on one CPU core, with recall@50 0.998 on the retrieval benchmark's
-    synthetic states (where 8 lists already give 0.99). Real hidden states may need
-    more; ``dresd-build eval`` measures recall and the manifest's nprobe overrides this.
-    """
+    """The nprobe the build stores with an IVF index; None for other indexes (see :func:`nprobe_for`)."""
     ivf = _ivf_of(index)
-    if ivf is None:
-        return None
-    return min(ivf.nlist, max(32, ivf.nlist // 128))
+    return None if ivf is None else nprobe_for(ivf.nlist, ivf.ntotal)
+
+
+def nprobe_for(nlist: int, num_keys: int) -> int:
+    """Lists to probe so that a query scans about :data:`SCAN_KEYS` keys, and at least 16 lists.
+
+    A fixed scan keeps latency flat as a store grows: at 1e6 keys (4096 lists) 34 lists,
+    ~0.2 ms on one CPU core with recall@50 0.998 on the retrieval benchmark's synthetic
+    states; at 1e7 keys (16384 lists) 16 lists. Real hidden states may need more;
+    ``dresd-build eval`` measures recall and the manifest's nprobe overrides this.
+    """
+    per_list = max(num_keys, 1) / nlist
+    return min(nlist, max(16, round(SCAN_KEYS / per_list)))
 
 
 def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:

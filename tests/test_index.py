@@ -17,6 +17,7 @@ from dresd_vllm.index import (
     merge_shard,
     mergeable,
     new_index,
+    nprobe_for,
     set_search_defaults,
     train_index,
     train_rows,
@@ -83,8 +84,9 @@ def test_recall_at_50_against_exact(data, factory, params, min_recall):
 
 def test_auto_build_sets_search_defaults(data):
     keys, _ = data
-    assert SearchIndex(build_index(keys, "IVF64,Flat")).nprobe == 32
-    assert SearchIndex(build_index(keys, "IVF16,Flat")).nprobe == 16  # never more than every list
+    assert SearchIndex(build_index(keys, "IVF64,Flat")).nprobe == 64  # 8000 keys: scan them all
+    assert nprobe_for(4096, 1_000_000) == 34 and nprobe_for(16384, 10_000_000) == 16
+    assert nprobe_for(16384, 10**9) == 16 and nprobe_for(8, 10**6) == 8  # at least 16, at most every list
     hnsw = faiss.downcast_index(build_index(keys[:500], "HNSW16"))
     assert hnsw.hnsw.efSearch >= 50  # FAISS's default 16 would cap recall at top_k = 50
 

@@ -34,6 +34,9 @@ def test_tiny_benchmark_writes_its_report(tmp_path, capsys):
             "offsets.npy",
         }
         assert result["bytes_per_key_disk"] > result["bytes_per_key_memory"] > 16 * 4  # fp32 vectors + ids
+        assert result["bytes_per_key_server"] == result["bytes_per_key_memory"] + 4  # int32 offsets
+        assert {"generate_s", "train_s", "add_s", "write_s"} <= set(result["build_s"])
+        assert result["load_s"] > 0 and result["peak_rss_mb_build"] > 0
         assert set(result["latency"]) == {"1", "3"}
         for latency in result["latency"].values():
             assert 0 < latency["p50_ms"] <= latency["p99_ms"]
@@ -41,3 +44,18 @@ def test_tiny_benchmark_writes_its_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "p50 ms" in printed and f"report: {out}" in printed
     assert not list(tmp_path.glob("tmp*"))  # the datastores were removed
+
+
+def test_torch_ivf_backend_on_pq_codes(tmp_path):
+    """The GPU path's backend, measured on the CPU: same recall as FAISS on the same index."""
+    out = tmp_path / "retrieval.json"
+    argv = ["--num-keys", "3000", "--batch-sizes", "1", "--factory", "IVF16,PQ8", "--nprobe", "4"]
+    argv += ["--hidden-size", "64", "--pca-dim", "16", "--queries", "40", "--iters", "3", "--warmup", "1"]
+    for backend in ("faiss", "torch-ivf"):
+        assert retrieval.main([*argv, "--backend", backend, "--out", str(out.with_suffix(f".{backend}"))]) == 0
+    faiss_run, torch_run = (
+        json.loads(out.with_suffix(f".{b}").read_text())["results"][0] for b in ("faiss", "torch-ivf")
+    )
+    assert torch_run["backend"] == "torch-ivf" and torch_run["nprobe"] == 4
+    assert abs(torch_run["recall@50"] - faiss_run["recall@50"]) < 0.01
+    assert torch_run["bytes_per_key_memory"] < faiss_run["bytes_per_key_memory"]  # 4-byte ids instead of 8
