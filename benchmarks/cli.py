@@ -4,6 +4,7 @@
                            in one process, with the same prompts, k, max_tokens, batch size and seed
     dresd-bench serve      the same methods behind vLLM's OpenAI server at concurrency 1, 4 and 16
     dresd-bench sweep      num_speculative_tokens x top_k x min_support for DReSD, to choose defaults
+    dresd-bench replay     every proposer on recorded greedy trajectories (tokens per step in seconds)
     dresd-bench retrieval  projection + search latency and recall of a datastore, without an LLM
 
 Without --model the embedded default is used: SmolLM2-135M-Instruct, its distilled draft model and
@@ -137,6 +138,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together (default: 1)")
     p.set_defaults(methods="dresd")
 
+    p = sub.add_parser(
+        "replay", help="every proposer on recorded greedy trajectories, as vLLM's loop would run it (seconds)"
+    )
+    _common_options(p, "results/replay")
+    p.add_argument("-k", "--num-speculative-tokens", type=positive_int, default=10, help="draft tokens (default: 10)")
+    p.set_defaults(batch_size=1)
+
     retrieval.add_parser(sub)
     return top
 
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
             args.batch_size = max(args.concurrency)  # the server's max_num_seqs
             return run_serve(args, *_prepare(args, args.num_speculative_tokens))
+        if args.command == "replay":
+            from .replay import run_replay
+
+            return run_replay(args, *_prepare(args, args.num_speculative_tokens))
         from .sweep import run_sweep
 
         methods, settings, prompts = _prepare(args, max(args.k))

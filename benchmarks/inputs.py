@@ -17,6 +17,8 @@ from build_tools.data import InputError, Template, get_text, load_rows
 KINDS = ("vanilla", "ngram", "suffix", "draft_model", "rest", "dresd")
 # Prompt lookup decoding as vLLM documents it; n-grams of 2-4 tokens matched in the prompt and output so far.
 NGRAM = {"prompt_lookup_min": 2, "prompt_lookup_max": 4}
+# DReSD as the paper has it: dense retrieval over the static datastore alone, drafts cut at min_support.
+PURE_DRESD = {"context": False, "online_store": False, "length_control": False}
 # A fixed warm-up prompt that is in no dataset: suffix decoding caches every response it has seen,
 # so warming up on a measured prompt would hand it that prompt's answer.
 WARMUP_PROMPT = "Write a short greeting."
@@ -92,9 +94,12 @@ def build_methods(args: Namespace, k: int) -> list[Method]:
         if kind == "dresd":
             if not datastores:
                 raise InputError("--methods dresd needs --datastore DIR (written by `dresd-build datastore`)")
+            # Every datastore as the paper's pure DReSD and as the full proposer, so each comparison shows both.
             for name, path in datastores:
+                base = f"dresd-{name}" if name else "dresd"
                 config = {"method": "dresd", "datastore": path}
-                methods.append(Method(f"dresd-{name}" if name else "dresd", "dresd", config))
+                methods.append(Method(base, "dresd", {**config, **PURE_DRESD}))
+                methods.append(Method(f"{base}+context", "dresd", config))
             continue
         if kind == "rest":
             if not args.rest_datastore:

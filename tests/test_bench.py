@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks.cli import main
 from benchmarks.compare import failures, judge
+from benchmarks.serve import arrival_times
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG"
@@ -71,30 +72,44 @@ def test_compare_runs_every_method_losslessly_in_one_run(tiny_model, bench_data,
     out = tmp_path / "compare"
     run = run_bench(
         "compare", *common(tiny_model, bench_data, own_datastore, out),
-        "--rest-datastore", bench_data["rest"], "--draft-model", tiny_model,
+        "--rest-datastore", bench_data["rest"], "--draft-model", tiny_model, "--repeats", "2",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     report = json.loads((out / "compare.json").read_text())
     methods = {m["name"]: m for m in report["methods"]}
-    assert list(methods) == ["vanilla", "ngram", "suffix", "draft_model", "rest", "dresd-ID"]
+    assert list(methods) == ["vanilla", "ngram", "suffix", "draft_model", "rest", "dresd-ID", "dresd-ID+context"]
     settings = {key: report["settings"][key] for key in ("num_speculative_tokens", "max_tokens", "batch_size", "seed")}
     assert settings == {"num_speculative_tokens": 4, "max_tokens": 24, "batch_size": 1, "seed": 0}
     # The prompts are rendered with the template the DReSD datastore records.
     assert report["prompts"]["prompts"] == 4 and report["prompts"]["template"] == "{prompt}"
     assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1 and "gpus" in report["machine"]
     assert {"vllm (module)", "torch (module)", "faiss (module)", "dresd-vllm"} <= set(report["versions"])
+    # Two interleaved rounds: medians of the runs, their spread, one vanilla per round for the speedup.
+    assert run.stdout.index("round 1/2: dresd-ID") < run.stdout.index("round 2/2: vanilla")
     for name, m in methods.items():
         assert m["status"] == "ok" and m["lossless"] is True and m["mismatched_prompts"] == [], name
         assert m["output_tokens"] > 0 and m["tokens_per_s"] > 0 and m["speedup"] > 0, name
+        assert m["repeats"] == 2 and len(m["runs"]) == 2, name
+        low, high = m["spread"]["tokens_per_s"]
+        assert low <= m["tokens_per_s"] <= high and [low, high] == sorted(r["tokens_per_s"] for r in m["runs"]), name
+        assert m["model_runner"] in ("V1", "V2") and m["async_scheduling"] in (True, False), name
         if name == "vanilla":
-            assert m["speedup"] == 1.0 and "acceptance_rate" not in m
+            assert m["speedup"] == 1.0 and "acceptance_rate" not in m and m["tokens_per_step"] == 1.0
             continue
         assert 0 <= m["acceptance_rate"] <= 1 and m["mean_acceptance_length"] >= 1, name
+        # Over all steps, tokens per step lies between 1 and vLLM's figure for the drafted steps alone.
+        assert 1 <= m["tokens_per_step"] <= m["mean_acceptance_length"] + 1e-9, name
+        steps = m["output_tokens"] - m["accepted_tokens"]
+        assert m["drafted_step_share"] == pytest.approx(m["drafts"] / steps), name
+        assert m["draft_tokens_per_step"] == pytest.approx(m["draft_tokens"] / steps), name
         assert len(m["acceptance_by_position"]) == 4, name
         assert m["proposer_steps"] > 0 and 0 < m["proposer_share"] < 1, name
     assert methods["dresd-ID"]["mean_acceptance_length"] > 2  # the store holds these very answers
-    assert [t["method"] for t in report["targets"]] == ["dresd-ID"] and "all_met" in report["targets"][0]
+    assert [t["method"] for t in report["targets"]] == ["dresd-ID", "dresd-ID+context"]
+    assert "all_met" in report["targets"][0]
+    assert methods["dresd-ID"]["speculative_config"]["context"] is False  # the paper's pure DReSD
+    assert "context" not in methods["dresd-ID+context"]["speculative_config"]  # the full proposer's defaults
     assert methods["dresd-ID"]["proposer_stats"]["search_ms_per_step"] > 0
     assert methods["rest"]["proposer_stats"]["steps"] > 0
     for chart in ("speedup.png", "acceptance_by_position.png"):
@@ -111,7 +126,7 @@ def test_serve_drives_the_openai_server_at_each_concurrency(tiny_model, bench_da
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     report = json.loads((out / "serve.json").read_text())
-    assert [m["name"] for m in report["methods"]] == ["vanilla", "dresd-ID"]
+    assert [m["name"] for m in report["methods"]] == ["vanilla", "dresd-ID", "dresd-ID+context"]
     for m in report["methods"]:
         assert [level["concurrency"] for level in m["levels"]] == [1, 2]
         for level in m["levels"]:
@@ -120,6 +135,32 @@ def test_serve_drives_the_openai_server_at_each_concurrency(tiny_model, bench_da
     dresd = report["methods"][1]["levels"]
     assert all(level["drafts"] > 0 and level["mean_acceptance_length"] > 1 for level in dresd)
     assert (out / "serve.png").read_bytes()[:4] == PNG
+
+
+def test_serve_measures_a_running_server_at_a_request_rate(tiny_model, bench_data, own_datastore, tmp_path):
+    from conftest import vllm_server
+
+    out = tmp_path / "serve-url"
+    config = {"method": "dresd", "datastore": own_datastore, "num_speculative_tokens": 4}
+    with vllm_server(tiny_model, "--speculative-config", json.dumps(config)) as base_url:
+        run = run_bench(
+            "serve", "--model", tiny_model, "--dataset", bench_data["dataset"], "--limit", "4", "--max-tokens", "24",
+            "--base-url", base_url, "--concurrency", "2", "--requests", "6", "--request-rate", "20",
+            "--out", str(out),
+        )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    (server,) = json.loads((out / "serve.json").read_text())["methods"]
+    assert server["model"] == tiny_model and server["name"] == f"server {base_url}"
+    (level,) = server["levels"]
+    assert level["requests"] == 6 and level["request_rate"] == 20 and level["lossless"] is None
+    assert level["drafts"] > 0 and 1 < level["tokens_per_step"] <= level["mean_acceptance_length"]
+
+
+def test_poisson_arrivals_are_seeded_and_average_the_rate():
+    times = arrival_times(2000, 50.0, seed=0)
+    assert times == arrival_times(2000, 50.0, seed=0) and times[0] == 0 and times == sorted(times)
+    assert 1999 / times[-1] == pytest.approx(50.0, rel=0.1)
+    assert arrival_times(3, float("inf"), seed=0) == [0.0, 0.0, 0.0]
 
 
 def test_a_mismatch_or_a_failed_method_fails_the_run():

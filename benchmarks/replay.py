@@ -1,0 +1,274 @@
+"""`dresd-bench replay`: every proposer on recorded greedy trajectories, as vLLM's greedy loop would run it.
+
+Record once: the plain greedy output of every prompt (past its end by k tokens, which a last draft may
+be verified against) and the post-norm last-layer state at every position. Then each proposer is
+stepped request after request (batch 1, in order, as `compare` runs them): every step hands it the
+tokens and the states of the positions verified in that step, takes its draft, accepts the longest
+prefix that matches the trajectory and advances by the accepted tokens plus one. A finished request's
+last step is still proposed for, as in the engine, so stateful proposers (online store, context cache,
+calibration) see exactly what they see there. DReSD runs through the same `Drafter` as the engine,
+so the draft and accept counts equal the engine's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from argparse import Namespace
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .inputs import NGRAM, Method, Prompts, Settings, engine_kwargs
+from .report import finish, fmt, markdown_table, table
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """One prompt's greedy run: prompt + output + k tokens past its end; ``states[q]`` produced ``tokens[q + 1]``."""
+
+    prompt_len: int
+    output_len: int  # tokens the request keeps (max_tokens, or up to its stop token)
+    tokens: np.ndarray  # int32
+    states: torch.Tensor  # float32 [len(tokens) - 1, H]
+
+
+# A proposer step: (req_ids, sampled_token_ids, num_tokens, token_ids, verified states, max_len) -> drafts.
+Step = Callable[[list[str], list[list[int]], np.ndarray, np.ndarray, torch.Tensor, np.ndarray], list[list[int]]]
+
+
+def record(
+    settings: Settings, prompts: Sequence[Sequence[int]], max_tokens: Sequence[int], cache: Path | None
+) -> list[Trajectory]:
+    """Greedy trajectories (and their states) of ``prompts``, read from ``cache`` when it holds the same run."""
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                settings.model,
+                settings.engine_args,
+                settings.num_speculative_tokens,
+                list(max_tokens),
+                [list(p) for p in prompts],
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    path = cache / f"trajectories-{key}.pt" if cache is not None else None
+    if path is not None and path.is_file():
+        return [Trajectory(**t) for t in torch.load(path, weights_only=False)]
+
+    from vllm import LLM, SamplingParams
+
+    from build_tools.embed import EmbedWorker, close_llm
+
+    k = settings.num_speculative_tokens
+    llm = LLM(model=settings.model, **engine_kwargs(settings, max_num_seqs=max(1, settings.batch_size)))
+    try:
+        stops = _stop_ids(llm)
+        params = [SamplingParams(temperature=0.0, max_tokens=m + k, ignore_eos=True) for m in max_tokens]
+        outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    finally:
+        close_llm(llm)
+    seqs = [list(p) + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs, strict=True)]
+    engine = {k: v for k, v in engine_kwargs(settings, 1).items() if k not in ("max_model_len", "max_num_seqs")}
+    worker = EmbedWorker(settings.model, settings.max_model_len, engine)
+    try:
+        states = worker.states(seqs)
+    finally:
+        worker.close()
+    out = []
+    for prompt, seq, state, m in zip(prompts, seqs, states, max_tokens, strict=True):
+        output = np.asarray(seq[len(prompt) :])
+        stop = np.flatnonzero(np.isin(output[:m], list(stops)))
+        out.append(
+            Trajectory(
+                prompt_len=len(prompt),
+                output_len=int(stop[0]) + 1 if len(stop) else m,
+                tokens=np.asarray(seq, dtype=np.int32),
+                states=state[:-1].float().contiguous(),
+            )
+        )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([dataclasses.asdict(t) for t in out], path)
+    return out
+
+
+def _stop_ids(llm) -> set[int]:
+    """The ids that end a request without ignore_eos: the tokenizer's EOS and the generation config's."""
+    ids = set()
+    tokenizer = llm.get_tokenizer()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
+    ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return ids
+
+
+def replay(step: Step, trajectories: Sequence[Trajectory], k: int, max_model_len: int) -> dict[str, Any]:
+    """Run ``step`` over ``trajectories`` one request after another; the engine's counters and more."""
+    drafts = draft_tokens = accepted = steps = output_tokens = 0
+    per_position = np.zeros(k, dtype=np.int64)
+    start = time.perf_counter()
+    for r, t in enumerate(trajectories):
+        req = f"replay-{r}"
+        row = t.tokens[None, :]
+        end = t.prompt_len + t.output_len
+        n = t.prompt_len + 1  # the prefill step samples the first token
+        sampled = [int(t.tokens[t.prompt_len])]
+        steps += 1
+        while True:
+            verified = t.states[n - len(sampled) - 1 : n - 1]
+            max_len = np.array([max(0, min(k, max_model_len - n - 1))])
+            (draft,) = step([req], [sampled], np.array([n]), row, verified, max_len)
+            if n >= end:  # finished: the engine proposed for it, but never verifies this draft
+                break
+            truth = t.tokens[n : n + len(draft)]
+            hit = int(np.logical_and.accumulate(np.asarray(draft) == truth).sum()) if draft else 0
+            if draft:
+                drafts += 1
+                draft_tokens += len(draft)
+                accepted += hit
+                per_position[:hit] += 1
+            sampled = t.tokens[n : n + hit + 1].tolist()
+            n += hit + 1
+            steps += 1
+        output_tokens += t.output_len
+    return dict(
+        seconds=time.perf_counter() - start,
+        steps=steps,
+        output_tokens=output_tokens,
+        drafts=drafts,
+        draft_tokens=draft_tokens,
+        accepted_tokens=accepted,
+        tokens_per_step=output_tokens / steps,
+        drafted_step_share=drafts / steps,
+        draft_tokens_per_step=draft_tokens / steps,
+        acceptance_rate=accepted / draft_tokens if draft_tokens else None,
+        mean_acceptance_length=1 + accepted / drafts if drafts else None,
+        acceptance_by_position=(per_position / drafts).tolist() if drafts else [],
+    )
+
+
+def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], dict[str, Any]]]:
+    """The proposer of ``method`` as a replay step, and a function returning its own stats."""
+    config = {k: v for k, v in method.speculative_config.items() if k not in ("method", "num_speculative_tokens")}
+    max_model_len = settings.max_model_len
+    if method.kind == "dresd":
+        from dresd_vllm.config import DresdConfig
+        from dresd_vllm.datastore import Datastore
+        from dresd_vllm.drafting import Drafter
+
+        options = DresdConfig.from_dict(config)
+        ds = Datastore.load(
+            options.datastore, backend=options.backend, nprobe=options.nprobe, ef_search=options.ef_search
+        )
+        drafter = Drafter(ds, options)
+
+        def stats() -> dict[str, Any]:
+            return dict(**dataclasses.asdict(drafter.stats), **dataclasses.asdict(drafter.retriever.stats))
+
+        return drafter.step, stats
+    if method.kind == "suffix":
+        from dresd_vllm.context import ContextSource
+
+        source = ContextSource()
+
+        def suffix(req_ids, sampled, num_tokens, token_ids, verified, max_len):
+            found = source.candidates(req_ids, sampled, num_tokens, token_ids, int(max_len.max()))
+            return [found.tokens[i][found.tokens[i] >= 0][: max_len[i]].tolist() for i in range(len(req_ids))]
+
+        return suffix, dict
+    if method.kind == "ngram":
+        from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as find
+
+        low = config.get("prompt_lookup_min", NGRAM["prompt_lookup_min"])
+        high = config.get("prompt_lookup_max", NGRAM["prompt_lookup_max"])
+
+        def ngram(req_ids, sampled, num_tokens, token_ids, verified, max_len):
+            return [
+                find(token_ids[i, : num_tokens[i]], low, high, max_model_len, int(max_len[i])).tolist()
+                for i in range(len(req_ids))
+            ]
+
+        return ngram, dict
+    if method.kind == "rest":
+        from dresd_vllm.config import RestConfig
+        from dresd_vllm.suffix_array import SuffixArrayStore
+
+        options = RestConfig.from_dict(config)
+        store = SuffixArrayStore(options.datastore)
+
+        def rest(req_ids, sampled, num_tokens, token_ids, verified, max_len):
+            return [
+                store.draft(
+                    token_ids[i, max(0, num_tokens[i] - options.max_span) : num_tokens[i]], int(max_len[i]),
+                    options.max_span, options.min_span, options.max_matches, options.min_support,
+                ) if max_len[i] > 0 else []
+                for i in range(len(req_ids))
+            ]  # fmt: skip
+
+        return rest, dict
+    raise ValueError(f"replay has no {method.kind!r} proposer (it replays dresd, suffix, ngram and rest)")
+
+
+HEADERS = ["method", "tokens/step", "drafted steps", "draft tok/step", "accept rate", "accept len", "ms/step"]
+
+
+def rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """One table row per replayed method."""
+    return [
+        [
+            r["name"],
+            fmt(r["tokens_per_step"]),
+            fmt(r["drafted_step_share"], ".1%"),
+            fmt(r["draft_tokens_per_step"]),
+            fmt(r["acceptance_rate"], ".1%"),
+            fmt(r["mean_acceptance_length"]),
+            fmt(1e3 * r["seconds"] / r["steps"], ".3f"),
+        ]
+        for r in results
+    ]
+
+
+def run_methods(methods: list[Method], settings: Settings, trajectories: list[Trajectory]) -> list[dict[str, Any]]:
+    """Replay every speculative method of ``methods`` (vanilla is skipped: 1 token per step by definition)."""
+    results = []
+    for method in methods:
+        if method.speculative_config is None:
+            continue
+        step, stats = make_step(method, settings)
+        result = replay(step, trajectories, settings.num_speculative_tokens, settings.max_model_len)
+        results.append(
+            dict(
+                name=method.name,
+                kind=method.kind,
+                speculative_config=method.speculative_config,
+                **result,
+                proposer_stats=stats(),
+            )
+        )
+    return results
+
+
+def run_replay(args: Namespace, methods: list[Method], settings: Settings, prompts: Prompts) -> int:
+    """The `replay` command: record (or reuse) the trajectories, replay every method, report."""
+    out_dir = Path(args.out)
+    # The warm-up request first, as `compare` runs it: stateful proposers see it there too.
+    all_prompts = [prompts.warmup, *prompts.token_ids]
+    max_tokens = [min(settings.max_tokens, 32)] + [settings.max_tokens] * len(prompts.token_ids)
+    trajectories = record(settings, all_prompts, max_tokens, out_dir / "cache")
+    results = run_methods(methods, settings, trajectories)
+    title = (
+        f"replay: {Path(settings.model).name}, {prompts.source['prompts']} prompts of "
+        f"{Path(prompts.source['dataset']).name}, k={settings.num_speculative_tokens}, "
+        f"{settings.max_tokens} tokens, greedy"
+    )
+    print(f"\n{title}\n")
+    print(table(HEADERS, rows(results)))
+    body = dict(settings=settings.to_json(), prompts=prompts.source, methods=results)
+    return finish(out_dir, "replay.json", body, markdown_table(HEADERS, rows(results)), list, [])
