@@ -14,10 +14,11 @@ answered.
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -61,11 +62,15 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rb") as f:
         count = 0
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f, path), 1):
             if limit is not None and count >= limit:
                 return
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not UTF-8 text ({e}); JSONL files must be UTF-8") from e
             if not line.strip():
                 continue
             try:
@@ -76,6 +81,20 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:
                 raise InputError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
             count += 1
             yield row
+
+
+def _lines(f: BinaryIO, path: Path) -> Iterator[bytes]:
+    """The lines of `f`; InputError naming the file and the last good line if the stream is damaged."""
+    lineno = 0
+    try:
+        for line in f:
+            lineno += 1
+            yield line
+    except (EOFError, OSError, zlib.error) as e:  # gzip: truncated stream, bad CRC, not gzip at all
+        raise InputError(
+            f"{path}: unreadable after line {lineno} ({e}); the file is truncated or damaged, "
+            "re-download or re-write it"
+        ) from e
 
 
 def get_field(row: dict[str, Any], key: str, index: int) -> Any:

@@ -11,8 +11,9 @@ One directory::
 Key i's value is ``tokens[offsets[i] + 1 : offsets[i] + n_next + 2]``: value[0] is
 the token that key i's state produced (the first-token filter compares it with the
 token just sampled), value[1:] is the draft. The EOS padding after every sequence
-keeps that slice in bounds without a branch. The token arrays are memory-mapped,
-so a continuation is a gather from the page cache and no Python object exists per key.
+keeps that slice in bounds without a branch. The token arrays are read into memory at load
+(4 bytes a token and 4-8 a key): a memory-mapped store that an operator truncates or copies over
+under a running server would kill its worker with SIGBUS at the next gather.
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def write_datastore(
         ivf.nprobe = manifest.nprobe
 
     start = time.perf_counter()
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_stale_temps(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         projection.save(tmp / PROJECTION)
@@ -237,6 +239,7 @@ def write_datastore(
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
         _fsync_file(tmp / MANIFEST)
+        _make_readable(tmp)
         _fsync_dir(tmp)
         _move_into_place(tmp, path)
     except BaseException:
@@ -297,11 +300,48 @@ def append_datastore(
     )
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Remove what killed writes of ``path`` left behind: hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` siblings.
+
+    Their names carry the writer's process id; one whose process still runs is another write in
+    progress and is left alone.
+    """
+    if not path.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for stale in path.parent.glob(f".{path.name}.{kind}-*"):
+            pid = stale.name.removeprefix(f".{path.name}.{kind}-").split("-")[0]
+            if stale.is_dir() and not (pid.isdigit() and _process_alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _make_readable(directory: Path) -> None:
+    """Files 0666 and directories 0777 less the umask (0644 / 0755 as usual), like any build output.
+
+    Some writers (safetensors) create their files 0600, which a server running as another user
+    could not read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [directory, *directory.rglob("*")]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def _move_into_place(tmp: Path, path: Path) -> None:
     old = None
     if path.exists():
         # rename() cannot replace a non-empty directory, so the old store steps aside first.
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
     os.rename(tmp, path)
     _fsync_dir(path.parent)
@@ -346,7 +386,7 @@ def _check_parts(manifest: Manifest, projection: Projection, index: faiss.Index,
 
 
 class Datastore:
-    """A loaded datastore: manifest, projection, searchable index and memory-mapped token store."""
+    """A loaded datastore: manifest, projection, searchable index and token store (in memory)."""
 
     def __init__(
         self,
@@ -405,6 +445,13 @@ class Datastore:
             raise DatastoreError(
                 f"{path / OFFSETS}: {len(offsets)} offsets, {MANIFEST} says num_keys={manifest.num_keys}"
             )
+        for start in range(0, len(tokens), _OFFSET_SCAN_CHUNK):
+            chunk = tokens[start : start + _OFFSET_SCAN_CHUNK]
+            if chunk.min() < 0 or chunk.max() >= manifest.vocab_size:
+                raise DatastoreError(
+                    f"{path / TOKENS}: token ids must lie in [0, vocab_size={manifest.vocab_size}) of {MANIFEST}, "
+                    f"found {chunk.min()}..{chunk.max()}: the token store is damaged or another datastore's; rebuild it"
+                )
         limit = len(tokens) - manifest.n_next - 1
         for start in range(0, len(offsets), _OFFSET_SCAN_CHUNK):
             chunk = offsets[start : start + _OFFSET_SCAN_CHUNK]
@@ -464,7 +511,7 @@ class Datastore:
 
 def _load_array(path: Path, *dtypes: type[np.generic]) -> np.memmap:
     try:
-        array = np.load(path, mmap_mode="r")
+        array = np.load(path)  # into memory, not mapped: see the module docstring
     except (ValueError, EOFError, OSError) as e:
         raise DatastoreError(f"{path}: not a readable .npy array, the file is damaged or truncated ({e})") from e
     if array.dtype not in dtypes or array.ndim != 1:

@@ -1,7 +1,9 @@
 """What every dresd-vllm proposer shares: options from `additional_config`, a fault guard, step timing.
 
 A fault inside a proposer never reaches vLLM: it is logged once and that step goes on without
-drafts, so outputs cannot change and the server stays up.
+drafts, so outputs cannot change and the server stays up. What a proposer hands back is checked
+too: a draft that holds an id outside the vocabulary, or is longer than allowed, is such a fault
+(the engine would index its embedding table with it).
 """
 
 import time
@@ -13,7 +15,16 @@ from vllm import envs
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
-logger = init_logger(__name__)
+
+def proposer_logger(name: str):
+    """A logger under vLLM's "vllm" logger, so its lines appear where vLLM's own do (server log included).
+
+    vLLM configures only the "vllm" logger tree; a logger outside it shows nothing at INFO.
+    """
+    return init_logger(f"vllm.{name}")
+
+
+logger = proposer_logger(__name__)
 
 
 class GuardedProposer:
@@ -31,6 +42,7 @@ class GuardedProposer:
         self.options = options
         self.k = vllm_config.speculative_config.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
+        self.vocab_size = vllm_config.model_config.get_vocab_size()
         self._faulted = False
         self._counters: dict[str, float] = dict(
             steps=0, requests=0, draft_tokens=0, faults=0, propose_s=0.0, step_s=0.0
@@ -56,7 +68,7 @@ class GuardedProposer:
             try:
                 num_tokens = np.asarray(num_tokens_no_spec[:batch])
                 max_len = np.clip(np.minimum(self.k, self.max_model_len - num_tokens - 1), 0, None)
-                drafts = self._draft(sampled_token_ids, num_tokens, token_ids_cpu, max_len)
+                drafts = self._checked(self._draft(sampled_token_ids, num_tokens, token_ids_cpu, max_len), max_len)
                 self._counters["requests"] += batch
                 self._counters["draft_tokens"] += sum(map(len, drafts))
             except Exception:
@@ -65,6 +77,17 @@ class GuardedProposer:
                     self._faulted = True
                     logger.exception("%s failed; steps with a fault go on without drafts", type(self).__name__)
         self._count_step(start, time.perf_counter())
+        return drafts
+
+    def _checked(self, drafts: list[list[int]], max_len: np.ndarray) -> list[list[int]]:
+        if len(drafts) != len(max_len):
+            raise RuntimeError(f"{len(drafts)} drafts for a batch of {len(max_len)} requests")
+        for draft, limit in zip(drafts, max_len, strict=True):
+            if len(draft) > limit or (draft and (min(draft) < 0 or max(draft) >= self.vocab_size)):
+                raise ValueError(
+                    f"draft {list(draft)} holds an id outside [0, vocab_size={self.vocab_size}) "
+                    f"or is longer than the {limit} tokens allowed"
+                )
         return drafts
 
     def _draft(

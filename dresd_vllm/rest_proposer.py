@@ -11,7 +11,7 @@ from .config import RestConfig
 from .datastore import DatastoreError
 from .proposer import model_tokenizer_fingerprint
 from .proposer_base import GuardedProposer
-from .suffix_array import SuffixArrayStore
+from .suffix_array import SEPARATOR, SuffixArrayStore
 
 
 class RestProposer(GuardedProposer):
@@ -29,6 +29,12 @@ class RestProposer(GuardedProposer):
             raise DatastoreError(
                 f"{self.config.datastore}: 'tokenizer_fingerprint' is {expected}, but the served model's tokenizer "
                 f"is {served}; build the REST datastore with this model's tokenizer"
+            )
+        low, high = (int(self.store.tokens.min()), int(self.store.tokens.max())) if len(self.store.tokens) else (0, 0)
+        if low < SEPARATOR or high >= self.vocab_size:
+            raise DatastoreError(
+                f"{self.config.datastore}: holds token id {low if low < SEPARATOR else high}, outside the served "
+                f"model's vocabulary [0, {self.vocab_size}); build the REST datastore with this model's tokenizer"
             )
 
     def _draft(

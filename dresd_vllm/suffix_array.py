@@ -12,6 +12,7 @@ context's suffix, so REST's semantics are implemented here over a NumPy suffix a
 import bisect
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,6 +74,19 @@ def spread_sample(matches: np.ndarray, max_matches: int) -> np.ndarray:
     return matches[(2 * np.arange(max_matches) + 1) * len(matches) // (2 * max_matches)]
 
 
+def check_rest_file(path: str | os.PathLike) -> None:
+    """ValueError unless `path` is a `.npz` archive, as `dresd-build rest` writes, saying what it is instead."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as f:
+        what = "a single NumPy array (.npy)" if f.read(6) == b"\x93NUMPY" else "not a .npz archive"
+    raise ValueError(
+        f"REST 'datastore': {path} is {what}; a REST datastore is the .npz file (tokens, suffix_array, header) "
+        "that `dresd-build rest` writes"
+    )
+
+
 class SuffixArrayStore:
     """A loaded REST datastore; `draft(context, max_len)` is REST's search, merged into one chain."""
 
@@ -80,6 +94,7 @@ class SuffixArrayStore:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"REST 'datastore': {path} is not a file; write one with `dresd-build rest`")
+        check_rest_file(path)
         try:
             with np.load(path) as data:
                 self.header = json.loads(str(data["header"]))
