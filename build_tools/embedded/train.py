@@ -1,10 +1,16 @@
-"""Train the embedded default models on the embedded corpus, on the CPU, seeded.
+"""Train the embedded models on the CPU, seeded.
 
-The target trains a byte-level BPE tokenizer on the training part first; the draft reuses the
-target's tokenizer, so vLLM's `draft_model` baseline can pair them:
+The tiny target trains a byte-level BPE tokenizer on the corpus's training part first; the tiny draft
+reuses the target's tokenizer, so vLLM's `draft_model` baseline can pair them:
 
     python -m build_tools.embedded.train --preset target                 # ~40 min, 1 thread
     python -m build_tools.embedded.train --preset draft                  # ~10 min
+
+The draft of SmolLM2 (the default model) is distilled from SmolLM2 itself: it is trained on the ID
+corpus, SmolLM2's own greedy answers (sequence-level distillation), on SmolLM2's tokenizer with tied
+embeddings initialised from SmolLM2's, projected onto their top principal directions:
+
+    python -m build_tools.embedded.train --preset smollm2-draft          # ~30 min, 1 thread
 
 Each example is the chat-formatted pair `<|user|>\\n{instruction}</s>\\n<|assistant|>\\n{response}</s>`
 and the loss covers the response and its closing EOS only: the model is only ever asked to write
@@ -16,6 +22,7 @@ Training state is saved every `--save-every` steps under `--work` and `--resume`
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -25,27 +32,66 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from build_tools.tiny_model import make_llama, save_checkpoint, train_tokenizer
-from dresd_vllm.assets import DEFAULT_DATASET, TINY_DRAFT_MODEL, TINY_MODEL
+from dresd_vllm.assets import (
+    DEFAULT_DATASET,
+    DEFAULT_DRAFT_MODEL,
+    DEFAULT_ID_CORPUS,
+    DEFAULT_MODEL,
+    TINY_DRAFT_MODEL,
+    TINY_MODEL,
+    check_default_model,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 # Sizes and epochs: the target fills ~40 minutes of one core, the draft ~10 (tok/s measured here).
+# smollm2-draft: hidden 192 keeps the tied 49,152 x 192 embedding (most of the model) at 18 MB in fp16;
+# its epochs fill ~30 minutes of one core on the shipped ID corpus.
 PRESETS = {
     "target": dict(out=TINY_MODEL, hidden=256, layers=4, heads=4, intermediate=688, epochs=4.5),
     "draft": dict(out=TINY_DRAFT_MODEL, hidden=128, layers=2, heads=4, intermediate=344, epochs=2.5),
+    "smollm2-draft": dict(out=DEFAULT_DRAFT_MODEL, hidden=192, layers=4, heads=3, intermediate=512, epochs=3.0),
 }
+# The ID corpus's answers were generated with at most this many tokens: one that long was cut, not finished.
+ID_MAX_TOKENS = 128
+ID_HELD_OUT = 0.05  # the last rows of the ID corpus (the last modules, alphabetically) are the draft's eval set
 
 
-def encode(tokenizer: PreTrainedTokenizerFast, row: dict) -> tuple[list[int], int]:
+def encode(tokenizer: PreTrainedTokenizerFast, row: dict, response_key: str = "response") -> tuple[list[int], int]:
     """Token ids of one chat-formatted pair and the number of prompt tokens (which get no loss).
 
     The prompt is the chat template with a generation prompt, exactly what vLLM sends; the response
-    ends at EOS, where vLLM stops (the template's newline after it is never generated).
+    ends at EOS, where vLLM stops (the template's newline after it is never generated). A generated
+    answer cut at ID_MAX_TOKENS gets no EOS: the model did not stop there.
     """
     messages = [{"role": "user", "content": row["instruction"]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    response_ids = tokenizer(row["response"], add_special_tokens=False).input_ids
-    return prompt_ids + response_ids + [tokenizer.eos_token_id], len(prompt_ids)
+    response_ids = tokenizer(row[response_key], add_special_tokens=False).input_ids
+    finished = response_key == "response" or len(response_ids) < ID_MAX_TOKENS
+    return prompt_ids + response_ids + [tokenizer.eos_token_id] * finished, len(prompt_ids)
+
+
+def read_id_corpus(path: str) -> list[dict]:
+    """Rows of a `dresd-build generate` JSONL(.gz) file with a non-empty `output`."""
+    import gzip
+
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if r["output"]]
+
+
+def teacher_embeddings(hidden: int) -> torch.Tensor:
+    """SmolLM2's input embedding projected onto its `hidden` top principal directions, rescaled: a draft
+    that starts from the teacher's token geometry instead of random vectors."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(check_default_model()) / "model.safetensors"), "pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight").float()
+    _, _, v = torch.linalg.svd(embedding - embedding.mean(0), full_matrices=False)
+    projected = embedding @ v[:hidden].T
+    # The init's scale (std 0.02), not the teacher's: tied to the LM head, the teacher's norms would
+    # start the draft at logits far too large (a loss of 35 nats instead of ln(vocab) = 10.8).
+    return projected * (0.02 / projected.std())
 
 
 def make_batches(examples: list[tuple[list[int], int]], batch_tokens: int) -> list[list[int]]:
@@ -110,6 +156,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="checkpoint directory (default: the shipped one)")
     parser.add_argument("--work", type=Path, default=REPO / "build" / "embedded", help="resumable state, logs")
     parser.add_argument("--tokenizer", type=Path, help="reuse this tokenizer (draft default: the target's)")
+    parser.add_argument("--id-corpus", default=DEFAULT_ID_CORPUS, help="smollm2-draft's data (default: shipped)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--epochs", type=float, help="override the preset's")
     parser.add_argument("--max-steps", type=int, help="stop early (smoke runs)")
@@ -131,15 +178,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    train_rows, eval_rows = DEFAULT_DATASET.rows("train"), DEFAULT_DATASET.rows("eval")
-    tokenizer_dir = args.tokenizer or (TINY_MODEL if args.preset == "draft" else None)
+    distill = args.preset == "smollm2-draft"
+    if distill:
+        rows = read_id_corpus(args.id_corpus)
+        split = len(rows) - max(1, round(ID_HELD_OUT * len(rows)))
+        train_rows, eval_rows, response_key = rows[:split], rows[split:], "output"
+    else:
+        train_rows, eval_rows = DEFAULT_DATASET.rows("train"), DEFAULT_DATASET.rows("eval")
+        response_key = "response"
+    tokenizer_dir = args.tokenizer or {"draft": TINY_MODEL, "smollm2-draft": DEFAULT_MODEL}.get(args.preset)
     if tokenizer_dir:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     else:
         tokenizer = train_tokenizer((r["instruction"] + "\n" + r["response"] for r in train_rows), args.vocab_size)
-    encoded = [encode(tokenizer, r) for r in tqdm(train_rows, desc="tokenize", unit="pair")]
+    encoded = [encode(tokenizer, r, response_key) for r in tqdm(train_rows, desc="tokenize", unit="pair")]
     train = [e for e in encoded if len(e[0]) <= args.max_len]
-    held_out = [e for e in (encode(tokenizer, r) for r in eval_rows) if len(e[0]) <= args.max_len]
+    held_out = [e for e in (encode(tokenizer, r, response_key) for r in eval_rows) if len(e[0]) <= args.max_len]
     batches = make_batches(train, args.batch_tokens)
     epochs = args.epochs or preset["epochs"]
     total_steps = math.ceil(epochs * len(batches))
@@ -153,8 +207,11 @@ def main() -> None:
 
     model = make_llama(
         tokenizer, preset["hidden"], preset["layers"], preset["heads"], preset["intermediate"],
-        max_position_embeddings=1024, seed=args.seed, tie_word_embeddings=True,
+        max_position_embeddings=8192 if distill else 1024, seed=args.seed, tie_word_embeddings=True,
     )
+    if distill:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.copy_(teacher_embeddings(preset["hidden"]))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -209,11 +266,17 @@ def main() -> None:
 
     # Ship fp16 (a few MB) and report the loss of exactly what ships, computed in fp32.
     model = model.to(torch.float16)
-    save_checkpoint(model, tokenizer, out)
+    if distill:
+        # vLLM's draft_model reads the target's tokenizer: SmolLM2's (3.5 MB) is not copied here.
+        model.save_pretrained(out, safe_serialization=True)
+        model.generation_config.save_pretrained(out)
+    else:
+        save_checkpoint(model, tokenizer, out)
     shipped = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
     eval_loss = evaluate(shipped, held_out, tokenizer.pad_token_id, False, 8192)
     summary = {
         "preset": args.preset, "name": out.name, **{k: v for k, v in preset.items() if k != "out"},
+        "data": os.path.relpath(args.id_corpus if distill else DEFAULT_DATASET.train, REPO),
         "epochs": epochs, "steps": total_steps,
         "parameters": sum(p.numel() for p in shipped.parameters()),
         "train_examples": len(train), "train_tokens_per_epoch": sum(len(e[0]) for e in train),
