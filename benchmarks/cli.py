@@ -143,6 +143,17 @@ def parser() -> argparse.ArgumentParser:
     )
     _common_options(p, "results/replay")
     p.add_argument("-k", "--num-speculative-tokens", type=positive_int, default=10, help="draft tokens (default: 10)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="replay every DReSD entry at each value of a speculative-config key (JSON values); repeat for a "
+        "grid, e.g. --grid token_cost=0.02,0.04 --grid top_k=10,50. Tune on training prompts, never eval ones",
+    )
+    p.add_argument(
+        "--best-of", action="store_true", help="also the paper's multi-draft bound: the best of the merged survivors"
+    )
     p.set_defaults(batch_size=1)
 
     retrieval.add_parser(sub)

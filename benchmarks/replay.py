@@ -8,12 +8,17 @@ prefix that matches the trajectory and advances by the accepted tokens plus one.
 last step is still proposed for, as in the engine, so stateful proposers (online store, context cache,
 calibration) see exactly what they see there. DReSD runs through the same `Drafter` as the engine,
 so the draft and accept counts equal the engine's.
+
+`--grid KEY=V1,V2` replays every DReSD entry at each point of a grid of its keys (how the defaults
+are chosen, on training prompts that are not in the datastore); `--best-of` adds the paper's
+multi-draft verification as a bound: the best of the merged survivors, which a replay can tell.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
 from argparse import Namespace
@@ -23,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from build_tools.data import InputError
 
 from .inputs import NGRAM, Method, Prompts, Settings, engine_kwargs
 from .report import finish, fmt, markdown_table, table
@@ -216,6 +223,66 @@ def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], di
     raise ValueError(f"replay has no {method.kind!r} proposer (it replays dresd, suffix, ngram and rest)")
 
 
+def best_of_step(method: Method) -> Step:
+    """The paper's multi-draft verification, as an upper bound: of the merged survivors, the one that matches longest.
+
+    It reads the trajectory's future (which only a replay can), to tell what verifying every survivor
+    in a batch, as the paper's Hugging Face loop did, would accept; vLLM verifies one chain.
+    """
+    from dresd_vllm.config import DresdConfig
+    from dresd_vllm.datastore import Datastore
+    from dresd_vllm.retriever import Retriever
+
+    config = {k: v for k, v in method.speculative_config.items() if k not in ("method", "num_speculative_tokens")}
+    options = DresdConfig.from_dict(config)
+    ds = Datastore.load(options.datastore, backend=options.backend, nprobe=options.nprobe, ef_search=options.ef_search)
+    retriever = Retriever(ds, top_k=options.top_k, max_candidates=options.max_candidates)
+
+    def step(req_ids, sampled, num_tokens, token_ids, verified, max_len):
+        counts = np.fromiter(map(len, sampled), np.int64, len(sampled))
+        last = np.fromiter((t[-1] if t else -1 for t in sampled), np.int64, len(sampled))
+        queries = ds.projection(verified[np.maximum(np.cumsum(counts) - 1, 0)])
+        width = min(int(max_len.max()), ds.n_next)
+        found = retriever.candidates(queries, last, width)
+        out = []
+        for i in range(len(req_ids)):
+            truth = token_ids[i, num_tokens[i] : num_tokens[i] + width]
+            drafts = found.drafts[i, :, : len(truth)]
+            hits = np.logical_and.accumulate(drafts == truth, axis=1).sum(axis=1) * found.valid[i]
+            best = int(hits.argmax())
+            out.append(drafts[best, : max_len[i]].tolist() if found.valid[i, best] else [])
+        return out
+
+    return step
+
+
+def expand_grid(methods: list[Method], grid: list[str], best_of: bool) -> list[Method]:
+    """Every DReSD entry at every combination of ``grid`` (``KEY=V1,V2``, JSON values), plus best-of-N entries."""
+    axes = []
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise InputError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. token_cost=0.02,0.04)")
+        try:
+            axes.append([(key, json.loads(v)) for v in values.split(",")])
+        except json.JSONDecodeError as e:
+            raise InputError(f"--grid {item!r}: values must be JSON ({e})") from e
+    out = []
+    for m in methods:
+        if m.kind != "dresd":
+            out.append(m)
+            continue
+        for point in itertools.product(*axes):
+            name = " ".join([m.name, *(f"{k}={v}" for k, v in point)])
+            out.append(Method(name, m.kind, {**m.speculative_config, **dict(point)}))
+        if best_of and m.speculative_config.get("context") is False:  # a bound on the dense source alone
+            out.append(Method(f"{m.name} best-of-survivors", BEST_OF, m.speculative_config))
+    return out
+
+
+BEST_OF = "dresd-best-of"
+
+
 HEADERS = ["method", "tokens/step", "drafted steps", "draft tok/step", "accept rate", "accept len", "ms/step"]
 
 
@@ -241,7 +308,7 @@ def run_methods(methods: list[Method], settings: Settings, trajectories: list[Tr
     for method in methods:
         if method.speculative_config is None:
             continue
-        step, stats = make_step(method, settings)
+        step, stats = (best_of_step(method), dict) if method.kind == BEST_OF else make_step(method, settings)
         result = replay(step, trajectories, settings.num_speculative_tokens, settings.max_model_len)
         results.append(
             dict(
@@ -262,7 +329,7 @@ def run_replay(args: Namespace, methods: list[Method], settings: Settings, promp
     all_prompts = [prompts.warmup, *prompts.token_ids]
     max_tokens = [min(settings.max_tokens, 32)] + [settings.max_tokens] * len(prompts.token_ids)
     trajectories = record(settings, all_prompts, max_tokens, out_dir / "cache")
-    results = run_methods(methods, settings, trajectories)
+    results = run_methods(expand_grid(methods, args.grid, args.best_of), settings, trajectories)
     title = (
         f"replay: {Path(settings.model).name}, {prompts.source['prompts']} prompts of "
         f"{Path(prompts.source['dataset']).name}, k={settings.num_speculative_tokens}, "
@@ -270,5 +337,12 @@ def run_replay(args: Namespace, methods: list[Method], settings: Settings, promp
     )
     print(f"\n{title}\n")
     print(table(HEADERS, rows(results)))
-    body = dict(settings=settings.to_json(), prompts=prompts.source, methods=results)
+    best = {}
+    for r in results:  # per DReSD entry, its grid point with the most tokens per step
+        entry = r["name"].split(" ")[0]
+        if r["kind"] == "dresd" and r["tokens_per_step"] > best.get(entry, {}).get("tokens_per_step", 0):
+            best[entry] = dict(point=r["name"], tokens_per_step=r["tokens_per_step"])
+    for entry, point in best.items():
+        print(f"best {entry}: {point['point']} ({point['tokens_per_step']:.3f} tokens/step)")
+    body = dict(settings=settings.to_json(), prompts=prompts.source, grid=args.grid, best=best, methods=results)
     return finish(out_dir, "replay.json", body, markdown_table(HEADERS, rows(results)), list, [])

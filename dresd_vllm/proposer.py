@@ -58,6 +58,7 @@ class DresdProposer(GuardedProposer):
         self._verified: torch.Tensor | None = None
         self._req_ids: list[str] = []
         self._omp_threads = faiss.omp_get_max_threads()
+        self._threads_changed_steps = 0
         logger.info(
             "DReSD: %d keys from %s, top_k=%d, merge=%s, k=%d, context=%s, online_store=%s, length_control=%s",
             self.datastore.manifest.num_keys, self.config.datastore, self.config.top_k, self.config.merge, self.k,
@@ -76,7 +77,8 @@ class DresdProposer(GuardedProposer):
         max_len: np.ndarray,
     ) -> list[list[int]]:
         # The setting this step's forward pass ran with: a proposer that leaked FAISS's would show it here.
-        self._omp_threads = min(self._omp_threads, faiss.omp_get_max_threads())
+        if faiss.omp_get_max_threads() != self._omp_threads:
+            self._threads_changed_steps += 1
         verified, self._verified = self._verified, None
         if verified is None:
             raise RuntimeError("no hidden states were captured for this step; is dresd_vllm.patches applied?")
@@ -102,7 +104,7 @@ class DresdProposer(GuardedProposer):
         stats["online_survivors"] = retriever["online_survivors"]
         for name in ("picked_dense", "picked_context", "dense_tokens", "context_tokens", "online_keys"):
             stats[name] = drafter[name]
-        stats["omp_threads_min"] = self._omp_threads
+        stats["threads_changed_steps"] = self._threads_changed_steps
         return stats
 
 

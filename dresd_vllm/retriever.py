@@ -173,7 +173,8 @@ class Retriever:
         support = np.where(np.logical_and.accumulate(chains >= 0, axis=1), support, 0.0).astype(np.float32)
         stats.search_s += searched - start
         stats.merge_s += time.perf_counter() - searched
-        return DenseCandidates(chains, support, valid.sum(axis=1), np.where(valid[:, 0], cand_scores[:, 0], 0.0))
+        top = np.where(valid[:, 0], cand_scores[:, 0], 0.0)
+        return DenseCandidates(chains, support, valid.sum(axis=1), top, drafts, valid)
 
 
 @dataclasses.dataclass
@@ -184,6 +185,8 @@ class DenseCandidates:
     support: np.ndarray  # float32 [B, W]: share of the survivors' weight still on the chain at depth j; 0 = none
     survivors: np.ndarray  # int64 [B]
     top_similarity: np.ndarray  # float32 [B]: similarity of the nearest survivor (0 without one)
+    drafts: np.ndarray | None = None  # int32 [B, C, W]: every merged survivor's continuation, best first
+    valid: np.ndarray | None = None  # bool [B, C]
 
     def lengths(self, min_support: float) -> np.ndarray:
         """Chain lengths where the support stays >= ``min_support`` (and > 0)."""

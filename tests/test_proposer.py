@@ -37,6 +37,21 @@ def test_dresd_is_lossless_and_drafts_well_in_process(tiny_model, prompts, plain
     (stats,) = llm.collective_rpc("dresd_stats")
     assert stats["steps"] > 0 and stats["faults"] == 0
     assert stats["survivors"] <= stats["hits"] and stats["draft_tokens"] > 0
+    # The full proposer (the default) used both sources and stored what it served.
+    assert stats["picked_dense"] > 0 and stats["picked_context"] > 0
+    assert stats["online_keys"] > 0 and stats["online_survivors"] > 0
+
+
+def test_batch_size_schedule_caps_the_drafts(tiny_model, prompts, plain_outputs, own_datastore, llm_factory):
+    schedule = [[1, 4, 2], [5, 16, 1]]  # vLLM's num_speculative_tokens_per_batch_size
+    llm = llm_factory(
+        tiny_model,
+        disable_log_stats=False,
+        speculative_config=dresd(own_datastore, num_speculative_tokens_per_batch_size=schedule),
+    )
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == tokens(plain_outputs)
+    counters = spec_counters(llm)
+    assert 0 < counters["num_draft_tokens"] <= 2 * counters["num_drafts"]
 
 
 def test_dresd_is_lossless_in_multiprocess_engine(tiny_model, prompts, plain_outputs, own_datastore, llm_factory):
@@ -94,7 +109,7 @@ def test_search_threads_leave_the_model_threads_alone(tiny_model, prompts, own_d
     (after,) = llm.collective_rpc(lambda worker: __import__("torch").get_num_threads())
     (stats,) = llm.collective_rpc("dresd_stats")
     assert after == model_threads
-    assert stats["omp_threads_min"] == model_threads and stats["draft_tokens"] > 0
+    assert stats["threads_changed_steps"] == 0 and stats["draft_tokens"] > 0
 
 
 def test_sampling_stays_within_the_rejection_sampler(tiny_model, prompts, own_datastore, llm_factory):

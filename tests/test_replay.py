@@ -70,3 +70,39 @@ def test_replay_of_a_perfect_proposer_takes_k_plus_one_tokens_a_step(trajectorie
     t = trajectories[0]
     assert result["accepted_tokens"] == result["draft_tokens"]
     assert result["steps"] == 1 + -(-(t.output_len - 1) // (K + 1))
+
+
+def test_replay_command_grid_and_best_of(tiny_model, prompts, own_datastore, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in prompts[:2]))
+    out = tmp_path / "replay"
+    command = [
+        sys.executable, "-m", "benchmarks.cli", "replay", "--model", tiny_model, "--dataset", str(dataset),
+        "--max-tokens", "16", "-k", "4", "--datastore", f"ID={own_datastore}", "--methods", "dresd,ngram,suffix",
+        "--grid", "token_cost=0.02,0.5", "--best-of", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+    report = json.loads((out / "replay.json").read_text())
+    names = [m["name"] for m in report["methods"]]
+    assert names == [
+        "ngram", "suffix",
+        "dresd-ID token_cost=0.02", "dresd-ID token_cost=0.5", "dresd-ID best-of-survivors",
+        "dresd-ID+context token_cost=0.02", "dresd-ID+context token_cost=0.5",
+    ]  # fmt: skip
+    for m in report["methods"]:
+        assert m["tokens_per_step"] >= 1 and m["output_tokens"] == report["methods"][0]["output_tokens"], m["name"]
+    by_name = {m["name"]: m for m in report["methods"]}
+    # A dearer verified token can only cut the full proposer's drafts shorter.
+    cheap, dear = by_name["dresd-ID+context token_cost=0.02"], by_name["dresd-ID+context token_cost=0.5"]
+    assert dear["draft_tokens_per_step"] <= cheap["draft_tokens_per_step"]
+    assert report["best"]["dresd-ID+context"]["point"].startswith("dresd-ID+context token_cost=")
