@@ -1,57 +1,95 @@
-"""`make demo`: DReSD against every other speculative method on the embedded default, end to end.
+"""`make demo`: DReSD against every other speculative method on SmolLM2-135M-Instruct, end to end.
 
-1. `dresd-build generate`: the target model's own answers to training prompts (the ID corpus);
-2. `dresd-build datastore`: the ID datastore (those answers) and the OOD one (the corpus's answers);
-3. `dresd-build rest`: REST's suffix array over the ID corpus, the same data as DReSD's;
-4. `dresd-bench compare`: every method on the held-out prompts; a table, JSON and PNG charts.
+1. `dresd-build datastore`, twice and side by side (vLLM runs a model on one core, the machine has
+   two): the ID datastore over the shipped ID corpus (SmolLM2's own answers to training prompts,
+   `dresd_vllm.assets.DEFAULT_ID_CORPUS`, generated once by `python -m build_tools.embedded.id_corpus`)
+   and the OOD one over the corpus's real answers to the same prompts;
+2. `dresd-build rest`: REST's suffix array over the ID corpus, the same data as DReSD-ID's;
+3. `dresd-bench compare`: every method on held-out prompts, with SmolLM2's distilled draft model as
+   `draft_model`; a table, JSON and PNG charts.
 
-Built datastores live under `build/demo/` and are reused by the next run (each command resumes or
-skips finished work); the results go to `results/demo/`.
+Every engine runs in fp32 (`build_tools/smollm2.py` says why). Built datastores live under
+`build/demo/` and are reused by the next run (each build skips finished work); the results go to
+`results/demo/`. The sizes below fit the whole of `make demo` (install included) into 25 minutes on
+a quiet 2-core machine.
 """
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from dresd_vllm.assets import DEFAULT_DATASET
+from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_ID_CORPUS, check_default_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "demo"
 RESULTS = ROOT / "results" / "demo"
-TRAIN_PROMPTS = 1500  # ID/OOD corpus size: a few minutes of generation and embedding on 2 cores
-PCA_SAMPLE = 20_000  # states the projection is fitted on (the build's default, 100k, takes minutes here)
-EVAL_PROMPTS = 48
+ENGINE_ARGS = json.dumps({"dtype": "float32"})
+# Datastore prompts: the first N training prompts, answered by SmolLM2 (ID) or by the corpus (OOD).
+STORE_PROMPTS = 400
+PCA_SAMPLE = 10_000  # states the projection is fitted on (the build's default, 100k, takes minutes here)
+EVAL_PROMPTS = 16  # held-out prompts of the comparison
+MAX_TOKENS = 128
+REPEATS = 2  # interleaved rounds of every method: timings are medians with their (min-max)
 
 
-def _run(*args: str) -> None:
-    print(f"\n$ {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", *args], check=True, cwd=ROOT)
+def _command(*args: str) -> list[str]:
+    print(f"$ {' '.join(args)}", flush=True)
+    return [sys.executable, "-m", *args]
+
+
+def _run_parallel(commands: list[list[str]]) -> None:
+    """Run `commands` side by side, each logging to its own file; fail if any fails."""
+    procs = []
+    for i, command in enumerate(commands):
+        log = open(BUILD / f"build-{i}.log", "w")  # closed below, once the process is done
+        procs.append((subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, command))
+    failed = []
+    for proc, log, command in procs:
+        if proc.wait() != 0:
+            failed.append(f"{' '.join(command[2:])} (exit {proc.returncode}; log: {log.name})")
+        log.close()
+    if failed:
+        sys.exit("make demo: failed:\n  " + "\n  ".join(failed))
 
 
 def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engines start in seconds
+    try:
+        check_default_model()
+    except FileNotFoundError as e:
+        sys.exit(f"make demo: {e}")
     BUILD.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    id_corpus = BUILD / "id.jsonl"
-    limit = ("--limit", str(TRAIN_PROMPTS))
-    sizes = (*limit, "--pca-sample", str(PCA_SAMPLE))
-    _run("build_tools.cli", "generate", "--out", str(id_corpus), *limit)
-    datastores = {"ID": (str(id_corpus), "output"), "OOD": (DEFAULT_DATASET.train, "response")}
-    for name, (dataset, response_key) in datastores.items():  # a finished build is not redone
-        out = str(BUILD / f"dresd-{name.lower()}")
-        _run("build_tools.cli", "datastore", "--dataset", dataset, "--response-key", response_key, "--out", out, *sizes)
+    sizes = ("--limit", str(STORE_PROMPTS), "--pca-sample", str(PCA_SAMPLE), "--engine-args", ENGINE_ARGS)
+    datastores = {"ID": (DEFAULT_ID_CORPUS, "output"), "OOD": (DEFAULT_DATASET.train, "response")}
+    builds = [
+        _command(
+            "build_tools.cli", "datastore", "--dataset", dataset, "--response-key", key,
+            "--out", str(BUILD / f"dresd-{name.lower()}"), *sizes,
+        )
+        for name, (dataset, key) in datastores.items()
+    ]  # fmt: skip
     rest = BUILD / "rest-id.npz"
     if not rest.is_file():
-        _run("build_tools.cli", "rest", "--dataset", str(id_corpus), "--response-key", "output", "--out", str(rest))
-    _run(
-        "benchmarks.cli", "compare", "--limit", str(EVAL_PROMPTS), "--out", str(RESULTS),
+        limit = ("--limit", str(STORE_PROMPTS))
+        builds.append(_command("build_tools.cli", "rest", "--dataset", DEFAULT_ID_CORPUS, "--response-key", "output",
+                               "--prompt-key", "instruction", *limit, "--out", str(rest)))  # fmt: skip
+    _run_parallel(builds)  # a finished datastore is not built again
+    built = time.perf_counter() - start
+    print(f"datastores: {built:.0f} s", flush=True)
+    compare = _command(
+        "benchmarks.cli", "compare", "--limit", str(EVAL_PROMPTS), "--max-tokens", str(MAX_TOKENS),
+        "--repeats", str(REPEATS), "--out", str(RESULTS),
         "--datastore", f"ID={BUILD / 'dresd-id'}", "--datastore", f"OOD={BUILD / 'dresd-ood'}",
         "--rest-datastore", str(rest),
     )  # fmt: skip
-    print(f"\nmake demo: {time.perf_counter() - start:.0f} s; results in {RESULTS}")
+    code = subprocess.run(compare, cwd=ROOT).returncode
+    print(f"\nmake demo: {time.perf_counter() - start:.0f} s (datastores {built:.0f} s); results in {RESULTS}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,29 @@
-"""The embedded default: the corpus split is clean, its extraction reproduces, the models serve in vLLM."""
+"""The embedded default: the corpus split is clean, its extraction reproduces, the models serve in vLLM,
+SmolLM2 is converted and checked, and the data and draft made for it fit it."""
 
+import gzip
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from vllm import SamplingParams
 
+from build_tools import smollm2
 from build_tools.embedded import extract_corpus
 from build_tools.embedded.evaluate import parses
-from dresd_vllm.assets import DEFAULT_DATASET, TINY_DRAFT_MODEL, TINY_MODEL
+from dresd_vllm.assets import (
+    DEFAULT_DATASET,
+    DEFAULT_DRAFT_MODEL,
+    DEFAULT_ID_CORPUS,
+    DEFAULT_MODEL,
+    TINY_DRAFT_MODEL,
+    TINY_MODEL,
+    ModelMissingError,
+    check_default_model,
+)
 
 CORPUS = Path(DEFAULT_DATASET.train).parent
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
@@ -98,3 +112,58 @@ def test_draft_model_baseline_is_lossless_on_the_defaults(llm_factory, eval_rows
     assert [o.outputs[0].token_ids for o in spec.chat(prompts, greedy, use_tqdm=False)] == expected
     accepted = sum(m.value for m in spec.get_metrics() if m.name == "vllm:spec_decode_num_accepted_tokens")
     assert accepted > 0
+
+
+def test_default_model_is_the_converted_smollm2():
+    path = Path(check_default_model(full=True))
+    config = json.loads((path / "config.json").read_text())
+    shape = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"]
+    assert [config[k] for k in shape] == [30, 576, 9, 3, 49152]
+    record = json.loads((path / "conversion.json").read_text())
+    assert (record["wheel_sha256"], record["gguf_sha256"]) == (smollm2.WHEEL_SHA256, smollm2.GGUF_SHA256)
+    assert record["dtype"] == smollm2.DTYPE == "float32"
+
+
+def test_conversion_rerun_is_a_no_op(capsys):
+    smollm2.main([])
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_missing_or_damaged_checkpoint_names_its_rebuild(tmp_path):
+    with pytest.raises(ModelMissingError, match=r"is missing: run `make install"):
+        check_default_model(tmp_path / "nowhere")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.json", "tokenizer.json", "conversion.json"):
+        shutil.copy(Path(DEFAULT_MODEL) / name, damaged / name)
+    (damaged / "model.safetensors").write_bytes(bytes(1024))  # a truncated copy
+    with pytest.raises(ModelMissingError, match=r"is damaged: run `make install"):
+        check_default_model(damaged)
+    with pytest.raises(SystemExit, match=r"is damaged: run `make install"):
+        smollm2.main(["--out", str(damaged), "--check"])
+
+
+def test_id_corpus_is_smollm2s_answers_to_the_first_training_prompts(train_rows):
+    manifest = json.loads((CORPUS / "smollm2-id.json").read_text())
+    with gzip.open(DEFAULT_ID_CORPUS, "rb") as f:
+        data = f.read()
+    assert hashlib.sha256(data).hexdigest() == manifest["jsonl_sha256"]
+    rows = [json.loads(line) for line in data.splitlines()]
+    assert len(rows) == manifest["rows"] >= 500
+    assert [r["instruction"] for r in rows] == [r["instruction"] for r in train_rows[: len(rows)]]
+    assert sum(bool(r["output"]) for r in rows) >= 0.95 * len(rows)
+    conversion = json.loads((Path(DEFAULT_MODEL) / "conversion.json").read_text())
+    assert manifest["model"]["model_safetensors_sha256"] == conversion["model_safetensors_sha256"]
+
+
+def test_smollm2_draft_model_fits_the_default_model():
+    draft = Path(DEFAULT_DRAFT_MODEL)
+    config = json.loads((draft / "config.json").read_text())
+    target = json.loads((Path(DEFAULT_MODEL) / "config.json").read_text())
+    assert config["vocab_size"] == target["vocab_size"] and config["tie_word_embeddings"]
+    assert config["max_position_embeddings"] >= 2048
+    assert config["hidden_size"] // config["num_attention_heads"] >= 32  # vLLM CPU attention
+    assert (draft / "model.safetensors").stat().st_size <= 25 * 10**6
+    training = json.loads((draft / "training.json").read_text())
+    assert training["preset"] == "smollm2-draft" and training["data"].endswith("smollm2-id.jsonl.gz")
