@@ -1,6 +1,6 @@
 """The default model's ID corpus, shipped: SmolLM2's own greedy answers to the first training instructions.
 
-    python -m build_tools.embedded.id_corpus                    # generate, then pack (about an hour here)
+    python -m build_tools.embedded.id_corpus                    # generate, then pack (18 min here, under load)
     python -m build_tools.embedded.id_corpus --from FILE        # pack what `dresd-build generate` wrote
 
 Generating is `dresd-build generate` with the defaults (the embedded corpus's training part, chat
@@ -24,7 +24,7 @@ from pathlib import Path
 from dresd_vllm.assets import DEFAULT_ID_CORPUS, check_default_model
 
 REPO = Path(__file__).resolve().parents[2]
-ROWS = 2400
+ROWS = 600
 ENGINE_ARGS = {"dtype": "float32"}
 GENERATE = ["generate", "--max-tokens", "128", "--engine-args", json.dumps(ENGINE_ARGS)]
 
