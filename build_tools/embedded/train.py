@@ -49,8 +49,10 @@ REPO = Path(__file__).resolve().parents[2]
 PRESETS = {
     "target": dict(out=TINY_MODEL, hidden=256, layers=4, heads=4, intermediate=688, epochs=4.5),
     "draft": dict(out=TINY_DRAFT_MODEL, hidden=128, layers=2, heads=4, intermediate=344, epochs=2.5),
-    "smollm2-draft": dict(out=DEFAULT_DRAFT_MODEL, hidden=192, layers=4, heads=3, intermediate=512, epochs=3.0),
+    "smollm2-draft": dict(out=DEFAULT_DRAFT_MODEL, hidden=192, layers=4, heads=3, intermediate=512, epochs=4.0),
 }
+# Smaller batches for the small ID corpus (~100k tokens an epoch), so it still takes a few hundred steps.
+TRAINING = {"smollm2-draft": dict(batch_tokens=2048, warmup=20, eval_every=25)}
 # The ID corpus's answers were generated with at most this many tokens: one that long was cut, not finished.
 ID_MAX_TOKENS = 128
 ID_HELD_OUT = 0.05  # the last rows of the ID corpus (the last modules, alphabetically) are the draft's eval set
@@ -161,10 +163,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, help="override the preset's")
     parser.add_argument("--max-steps", type=int, help="stop early (smoke runs)")
     parser.add_argument("--max-len", type=int, default=512, help="longer examples are dropped")
-    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--batch-tokens", type=int, help="tokens per batch (default: 8192; smollm2-draft: 2048)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--warmup", type=int, help="warm-up steps (default: 50; smollm2-draft: 20)")
+    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: 200; smollm2-draft: 25)")
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (slower)")
@@ -172,6 +174,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    for key, value in {"batch_tokens": 8192, "warmup": 50, "eval_every": 200, **TRAINING.get(args.preset, {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     out = args.out or Path(preset["out"])
     work = args.work / args.preset
     work.mkdir(parents=True, exist_ok=True)
