@@ -92,13 +92,11 @@ def test_token_store_changed_under_a_running_engine(
     store = Path(shutil.copytree(own_datastore, tmp_path / "ds"))
     llm = llm_factory(tiny_model, multiprocess=True, speculative_config=dresd(str(store)))
     assert tokens(llm.generate(prompts[:2], GREEDY, use_tqdm=False)) == tokens(plain_outputs[:2])
-    # An operator's truncation in place and a `cp` over the file (same inode): a memory-mapped store
-    # would die of SIGBUS at the next gather past the new end of file.
-    with open(store / "tokens.npy", "r+b") as f:
-        f.truncate(160)
-    with open(store / "offsets.npy", "r+b") as f:
+    # A truncation in place and a `cp` of another file over it (same inode): a memory-mapped store
+    # would die of SIGBUS at the next gather from a page past the new end of the file.
+    os.truncate(store / "tokens.npy", 0)
+    with open(store / "offsets.npy", "wb") as f:
         f.write(b"\0" * 64)
-        f.truncate(200)
     assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == tokens(plain_outputs)
     (stats,) = llm.collective_rpc("dresd_stats")
     assert stats["faults"] == 0 and stats["draft_tokens"] > 0
