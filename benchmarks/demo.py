@@ -27,12 +27,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "demo"
 RESULTS = ROOT / "results" / "demo"
 ENGINE_ARGS = json.dumps({"dtype": "float32"})
-# Datastore prompts: the first N training prompts, answered by SmolLM2 (ID) or by the corpus (OOD).
-STORE_PROMPTS = 400
+# Sizes, for 25 minutes of `make demo` on a quiet 2-core machine (install ~3.5 min): the datastores
+# take most of 10 minutes side by side (~130k positions for ID; embedding runs at a few hundred
+# tokens/s on one core), and the comparison, 9 methods at one engine start each (~10 s for SmolLM2),
+# about as long, with vanilla decoding at ~27 tok/s. Datastore prompts: the first STORE_PROMPTS
+# training prompts, answered by SmolLM2 (ID, the whole shipped ID corpus) or by the corpus (OOD).
+STORE_PROMPTS = 600
 PCA_SAMPLE = 10_000  # states the projection is fitted on (the build's default, 100k, takes minutes here)
-EVAL_PROMPTS = 16  # held-out prompts of the comparison
+EVAL_PROMPTS = 12  # held-out prompts of the comparison
 MAX_TOKENS = 128
-REPEATS = 2  # interleaved rounds of every method: timings are medians with their (min-max)
+# One round: on a quiet machine a method's tokens/s moves by a few percent between runs, and tokens per
+# step, the figure that decides speed, does not depend on timing at all; `--repeats 3` triples the
+# comparison's time.
+REPEATS = 1
 
 
 def _command(*args: str) -> list[str]:
