@@ -28,7 +28,15 @@ import numpy as np
 from tqdm import tqdm
 
 from build_tools.data import Corpus, InputError, Template, encode_corpus, load_rows
-from build_tools.embed import EmbedWorker, check_length, load_tokenizer, model_info, plan_shards, shard_task
+from build_tools.embed import (
+    EmbedWorker,
+    check_length,
+    first_result,
+    load_tokenizer,
+    model_info,
+    plan_shards,
+    shard_task,
+)
 from build_tools.ray_jobs import ShardRunner
 from dresd_vllm.datastore import MANIFEST, DatastoreError, Manifest, token_store_from_sequences, write_datastore
 from dresd_vllm.datastore import tokenizer_fingerprint as fingerprint_of
@@ -63,9 +71,10 @@ def _npy_saver(array: np.ndarray) -> Any:
 
 def plan_of(args: Namespace, tokenizer: Any, corpus: Corpus) -> dict[str, Any]:
     """Everything the work directory's contents depend on."""
-    info = model_info(args.model)
+    info = model_info(args.model, **args.hf)
     return dict(
         model=args.model,
+        dtype=args.engine_args.get("dtype"),
         hidden_size=info.hidden_size,
         vocab_size=info.vocab_size,
         tokenizer_fingerprint=fingerprint_of(tokenizer),
@@ -178,9 +187,11 @@ def fit_stage(args: Namespace, corpus: Corpus, runner: ShardRunner, work: Path) 
     tasks = _tasks(corpus, chosen, SAMPLE_SHARD_TOKENS)
     # Shards arrive in any order on Ray; each has its fixed rows in one preallocated array.
     rows = np.cumsum([0] + [int(np.frombuffer(t["lengths"], dtype=np.int64).sum()) for t in tasks])
-    states = np.empty((rows[-1], model_info(args.model).hidden_size), dtype=np.float32)
-    with tqdm(total=rows[-1], desc="fit: embed sample", unit="tok", unit_scale=True) as bar:
+    states = np.empty((rows[-1], model_info(args.model, **args.hf).hidden_size), dtype=np.float32)
+    with tqdm(total=rows[-1], desc="fit: embed sample (starting engine)", unit="tok", unit_scale=True) as bar:
         for result in runner.run(tasks, projection=None):
+            if "fit" not in runner.startup_s:
+                runner.startup_s["fit"] = first_result(bar, "fit: embed sample", result["seconds"])
             shard = result["shard"]
             states[rows[shard] : rows[shard + 1]] = np.frombuffer(result["data"], dtype=np.float32).reshape(
                 -1, states.shape[1]
@@ -217,19 +228,37 @@ def embed_stage(
     pending = [t for t in tasks if not finished(t["shard"])]
     todo = sum(sizes[t["shard"]] for t in pending)
     total = sum(sizes.values())
-    with tqdm(total=total, initial=total - todo, desc="embed", unit="tok", unit_scale=True) as bar:
+    starting = "embed (starting engine)" if runner.use_ray or runner._worker is None else "embed"
+    with tqdm(total=total, initial=total - todo, desc=starting, unit="tok", unit_scale=True) as bar:
         for result in runner.run(pending, projection=projection):
+            if "embed" not in runner.startup_s:
+                runner.startup_s["embed"] = first_result(bar, "embed", result["seconds"])
             keys = np.frombuffer(result["data"], dtype=np.float16).reshape(-1, args.pca_dim)
             _save_atomic(shard_path(result["shard"]), _npy_saver(keys))
             bar.update(result["positions"])
     return np.concatenate([np.load(shard_path(t["shard"])) for t in tasks]), todo
 
 
+def numerics(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """What decides the keys' numbers besides the model: dtype, vLLM, torch, device (and any quantization)."""
+    import torch
+    import vllm
+    from vllm.platforms import current_platform
+
+    keys = ("dtype", "quantization", "kv_cache_dtype", "enforce_eager")
+    return dict(
+        **{k: engine_args[k] for k in keys if k in engine_args},
+        vllm=vllm.__version__,
+        torch=torch.__version__,
+        device=current_platform.device_type,
+    )
+
+
 def run_datastore(args: Namespace) -> dict[str, Any]:
     """The `datastore` command; returns the build summary (also recorded in the manifest)."""
     out = Path(args.out)
-    check_length(args.model, args.max_length)
-    tokenizer = load_tokenizer(args.model)
+    check_length(args.model, args.max_length, **args.hf)
+    tokenizer = load_tokenizer(args.model, **args.hf)
     if tokenizer.eos_token_id is None:
         raise InputError(f"the tokenizer of {args.model!r} has no EOS token, which pads the token store")
     try:
@@ -263,6 +292,10 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
         times["embed"] = time.perf_counter() - t0
     finally:
         runner.close()
+    # Engine start-up is timed on its own: fit and embed count from their first token.
+    for stage, secs in runner.startup_s.items():
+        times[stage] -= secs
+    times["engine_start"] = sum(runner.startup_s.values())
 
     t0 = time.perf_counter()
     tokens, offsets = token_store_from_sequences(corpus.sequences(), args.n_next, tokenizer.eos_token_id)
@@ -271,6 +304,7 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
         corpus=corpus.summary(),
         seed=args.seed,
         ray=args.use_ray,
+        numerics=numerics(args.engine_args),
         stage_s={k: round(v, 3) for k, v in times.items()},
     )
     manifest = Manifest(
@@ -283,6 +317,7 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
         pca_dim=args.pca_dim,
         num_keys=len(keys),
         index_factory=args.index,
+        dtype=args.engine_args.get("dtype"),
         build=build,
     )
     write_datastore(out, manifest, projection, keys, tokens, offsets)

@@ -10,9 +10,11 @@ Without --model/--dataset the embedded default (SmolLM2-135M-Instruct and the st
 """
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from build_tools.data import TEMPLATES, InputError
@@ -32,7 +34,42 @@ def engine_args_type(reserved: set[str], why: str) -> Callable[[str], dict[str, 
         taken = sorted(reserved & set(value))
         if taken:
             raise argparse.ArgumentTypeError(f"{taken} {why}")
+        # A typo would otherwise surface only after engine start-up, as a TypeError, with files written.
+        known = engine_arg_names()
+        unknown = sorted(set(value) - known)
+        if unknown:
+            hints = [f"{k!r}: did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, known, 1))]
+            raise argparse.ArgumentTypeError(
+                f"not vllm.LLM arguments: {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+            )
         return value
+
+    return parse
+
+
+def engine_arg_names() -> set[str]:
+    """Every keyword `vllm.LLM` accepts: its own parameters and the fields of `EngineArgs`."""
+    import dataclasses
+    import inspect
+
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    own = set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"}
+    return own | {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def comma_list(kind: type) -> Callable[[str], list]:
+    """An argparse type: a comma-separated list of `kind`, `1,4,16` (the one list style of both CLIs)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {e}") from e
+        if not values:
+            raise argparse.ArgumentTypeError("empty list")
+        return values
 
     return parse
 
@@ -46,9 +83,27 @@ def positive_int(text: str) -> int:
 
 
 _engine_args = engine_args_type({"max_model_len", "runner", "model"}, "are set by dresd-build (see --max-length)")
+# Names of vLLM's dtypes that mean the same torch dtype; the manifest records the torch name.
+DTYPE_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _corpus_options(p: argparse.ArgumentParser, response_default: str | None, template: bool = True) -> None:
+def _model_options(p: argparse.ArgumentParser, engine: bool = True) -> None:
+    """vLLM's and Hugging Face's names for how the model is loaded; they reach AutoConfig/AutoTokenizer too."""
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (HF, vLLM)")
+    p.add_argument("--revision", help="model revision: branch, tag or commit (HF, vLLM)")
+    if engine:
+        p.add_argument(
+            "--dtype",
+            default="auto",
+            help="dtype the engine runs at, as in `vllm serve --dtype` (float32, bfloat16, float16, auto). Serve at "
+            "the same dtype: the manifest records it and the server warns when they differ. auto (default) is "
+            "resolved once, to what `vllm serve` picks on this machine, and used by every engine of the build",
+        )
+
+
+def _corpus_options(
+    p: argparse.ArgumentParser, response_default: str | None, template: bool = True, recorded: bool = False
+) -> None:
     p.add_argument(
         "--dataset",
         default=DEFAULT_DATASET.train,
@@ -64,8 +119,10 @@ def _corpus_options(p: argparse.ArgumentParser, response_default: str | None, te
     if response_default is not None:
         p.add_argument(
             "--response-key",
-            default=response_default,
-            help=f"field holding the response, e.g. messages.1.content (default: {response_default})",
+            default=None if recorded else response_default,
+            help="field holding the response, e.g. messages.1.content (default: "
+            + ("the key `dresd-build generate` recorded in DATASET.meta.json, else " if recorded else "")
+            + f"{response_default})",
         )
     if template:
         p.add_argument(
@@ -101,6 +158,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT, or discard a partial run that differs")
+    _model_options(p)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -133,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datastore", help="embed the corpus with the target model and write a DReSD datastore")
     p.add_argument("--model", default=DEFAULT_MODEL, help="target model: hub name or path (default: embedded)")
     p.add_argument("--out", required=True, help="datastore directory to write")
-    _corpus_options(p, response_default="response")
+    _corpus_options(p, response_default="response", recorded=True)
     p.add_argument("--n-next", type=positive_int, default=20, help="draft tokens stored per key (paper: 20)")
     p.add_argument("--pca-dim", type=positive_int, default=64, help="key dimensions after PCA (paper: 64)")
     p.add_argument(
@@ -157,27 +215,86 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=positive_int, default=50, help="neighbours compared (default: 50, the serving top-k)")
     p.add_argument("--queries", type=positive_int, default=1000, help="queries (default: 1000)")
     p.add_argument("--model", help="model for held-out queries (default: the datastore's)")
-    _corpus_options(p, response_default="response", template=False)
+    _corpus_options(p, response_default="response", template=False, recorded=True)
     p.set_defaults(dataset=None, limit=200)
     p.add_argument("--engine-args", type=_engine_args, default={}, help="extra vllm.LLM arguments as JSON")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample (default: 0)")
+    _model_options(p)
     p.epilog = "Without --dataset the queries are stored keys; with it, held-out states (first --limit rows, 200)."
 
     p = sub.add_parser("rest", help="REST baseline datastore (a corpus suffix array) over the same corpus")
-    p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="tokenizer (the target model's; default: embedded)")
+    p.add_argument(
+        "--model",
+        "--tokenizer",
+        dest="model",
+        default=DEFAULT_MODEL,
+        help="target model (hub name or path) whose tokenizer cuts the corpus (default: embedded)",
+    )
     p.add_argument("--out", required=True, help="REST datastore file to write (.npz)")
-    _corpus_options(p, response_default="response")
+    _corpus_options(p, response_default="response", recorded=True)
     p.set_defaults(prompt_key=None)
     p.add_argument("--overwrite", action="store_true", help="replace OUT")
+    _model_options(p, engine=False)
     p.epilog = "With --prompt-key a row is template(prompt) + response, exactly as `datastore` embeds it."
     return top
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parsed arguments, with `use_ray` set when the command runs on Ray."""
+    """Parsed arguments, with `use_ray` set when the command runs on Ray, `hf` the AutoConfig/AutoTokenizer
+    options (trust_remote_code, revision), which also go into `engine_args` with an explicit `dtype`, and
+    `response_key` read from the `.meta.json` of a file `dresd-build generate` wrote, when not given."""
     args = parser().parse_args(argv)
     args.use_ray = bool(getattr(args, "ray", False) or getattr(args, "ray_address", None))
+    engine = getattr(args, "engine_args", {})
+    # The flags, or the same keys inside --engine-args (vLLM's names), reach vLLM and Hugging Face alike.
+    args.hf = {k: engine[k] for k in ("trust_remote_code", "revision") if engine.get(k) is not None}
+    if args.trust_remote_code:
+        args.hf["trust_remote_code"] = True
+    if args.revision:
+        args.hf["revision"] = args.revision
+    if hasattr(args, "engine_args"):
+        args.engine_args = {**engine, **args.hf}
+        dtype = args.dtype if args.dtype != "auto" else engine.get("dtype", "auto")
+        args.engine_args.pop("dtype", None)
+        if dtype != "auto":
+            args.engine_args["dtype"] = DTYPE_ALIASES.get(dtype, dtype)
+    if getattr(args, "response_key", "") is None:
+        args.response_key = generated_response_key(args.dataset) or "response"
     return args
+
+
+def generated_response_key(dataset: str | None) -> str | None:
+    """The response key `dresd-build generate` recorded for `dataset` (its `.meta.json`), if it wrote it."""
+    if not dataset:
+        return None
+    meta = Path(f"{dataset}.meta.json")
+    try:
+        key = json.loads(meta.read_text()).get("response_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(key, str):
+        print(f"--response-key {key} (what `dresd-build generate` recorded in {meta})", file=sys.stderr)
+        return key
+    return None
+
+
+def resolve_dtype(args: argparse.Namespace) -> None:
+    """Turn `--dtype auto` into the dtype `vllm serve` picks for the model here, and pin it in `engine_args`.
+
+    vLLM resolves auto per runner: a float32 checkpoint becomes bfloat16 for generation but float16 for
+    the pooling runner the embedding stage uses, on this CPU. One explicit dtype for every engine keeps
+    `generate`'s answers, the keys and the served model at the same numerics.
+    """
+    if "dtype" in args.engine_args:
+        return
+    from vllm.config import ModelConfig
+
+    try:
+        config = ModelConfig(model=args.model, dtype="auto", **args.hf)
+    except Exception as e:  # vLLM raises several types for an unreadable model
+        raise InputError(f"--model {args.model!r}: cannot resolve --dtype auto ({type(e).__name__}: {e})") from e
+    args.engine_args["dtype"] = str(config.dtype).removeprefix("torch.")
+    print(f"--dtype auto: {args.engine_args['dtype']} (what `vllm serve` picks here)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             from build_tools.ray_jobs import connect
 
             started_ray = connect(args.ray_address)
-        if DEFAULT_MODEL in (getattr(args, "model", None), getattr(args, "tokenizer", None)):
+        if DEFAULT_MODEL == getattr(args, "model", None):
             check_default_model()  # converted at install time: say how to rebuild it, not vLLM's hub error
+        if args.command in ("generate", "datastore"):
+            resolve_dtype(args)
         if args.command == "generate":
             from build_tools.generate import run_generate
 

@@ -36,32 +36,35 @@ class ModelInfo:
     max_positions: int | None
 
 
-def model_info(model: str) -> ModelInfo:
-    """Hidden size, vocabulary size and context length from the model's config."""
+def model_info(model: str, **hf: Any) -> ModelInfo:
+    """Hidden size, vocabulary size and context length from the model's config.
+
+    `hf`: `trust_remote_code` / `revision`, as given to vLLM (`dresd-build --trust-remote-code --revision`).
+    """
     from transformers import AutoConfig
 
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise InputError(f"--model {model}: no such directory (pass a hub name or a checkpoint directory)")
     try:
-        config = AutoConfig.from_pretrained(model).get_text_config()
+        config = AutoConfig.from_pretrained(model, **hf).get_text_config()
     except (OSError, ValueError) as e:
         raise InputError(f"--model {model!r}: cannot read its config ({e})") from e
     return ModelInfo(config.hidden_size, config.vocab_size, getattr(config, "max_position_embeddings", None))
 
 
-def load_tokenizer(model: str) -> Any:
-    """The model's Hugging Face tokenizer (the one vLLM loads for it)."""
+def load_tokenizer(model: str, **hf: Any) -> Any:
+    """The model's Hugging Face tokenizer (the one vLLM loads for it); `hf` as in `model_info`."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model)
+        return AutoTokenizer.from_pretrained(model, **hf)
     except (OSError, ValueError) as e:
         raise InputError(f"{model!r}: cannot load its tokenizer ({e})") from e
 
 
-def check_length(model: str, max_length: int) -> None:
-    """Refuse a --max-length the model cannot attend over."""
-    limit = model_info(model).max_positions
+def check_length(model: str, max_length: int, **hf: Any) -> None:
+    """Refuse a --max-length the model cannot attend over; `hf` as in `model_info`."""
+    limit = model_info(model, **hf).max_positions
     if limit is not None and max_length > limit:
         raise InputError(f"--max-length {max_length} exceeds the context of {model!r} ({limit} positions)")
 
@@ -86,6 +89,17 @@ def make_llm(model: str, max_length: int, engine_args: dict[str, Any], pooling: 
 def close_llm(llm: Any) -> None:
     """Shut an engine down now, so a long CLI run or a test does not hold two at once."""
     llm.llm_engine.engine_core.shutdown()
+
+
+def first_result(bar: Any, desc: str, seconds: float) -> float:
+    """A stage's first result is in: name its bar `desc` (it said "starting engine" until now) and time it
+    from its first token, `seconds` (that shard's own time on the engine) ago. Returns the seconds spent
+    before that (engine or Ray worker start-up), which the stage's own time leaves out."""
+    now = time.time()
+    startup = max(0.0, now - bar.start_t - seconds)
+    bar.set_description(desc)
+    bar.start_t = now - seconds
+    return startup
 
 
 def plan_shards(lengths: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:

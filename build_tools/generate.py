@@ -42,11 +42,12 @@ class GenerateWorker:
         self.sampling = sampling
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        """Map shard tasks to `{"shard", "texts" (a JSON list), "generated" (token count)}`."""
+        """Map shard tasks to `{"shard", "texts" (a JSON list), "generated" (token count), "seconds"}`."""
         from vllm import SamplingParams
 
-        out: dict[str, list] = {"shard": [], "texts": [], "generated": []}
+        out: dict[str, list] = {"shard": [], "texts": [], "generated": [], "seconds": []}
         for task in unbatch(batch):
+            start = time.perf_counter()
             seqs = task_sequences(task)
             fits = [i for i, s in enumerate(seqs) if len(s) < self.max_length]
             sampling = dict(self.sampling)
@@ -62,6 +63,7 @@ class GenerateWorker:
             out["shard"].append(int(task["shard"]))
             out["texts"].append(json.dumps(texts))
             out["generated"].append(sum(len(r.outputs[0].token_ids) for r in results))
+            out["seconds"].append(time.perf_counter() - start)
         return out
 
     def close(self) -> None:
@@ -71,7 +73,13 @@ class GenerateWorker:
 def _meta(args: Namespace) -> dict[str, Any]:
     # --limit is left out: rerunning with a larger one extends a finished file.
     keys = ("model", "template", "dataset", "split", "prompt_key", "response_key", "max_tokens", "max_length")
-    return {k: getattr(args, k) for k in keys} | dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return {k: getattr(args, k) for k in keys} | dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        # The answers are this model's greedy output at this dtype only: serve at it too.
+        dtype=args.engine_args.get("dtype"),
+    )
 
 
 def _complete_lines(path: Path) -> int:
@@ -126,8 +134,8 @@ def _ranges(done: int, total: int, shard_size: int) -> list[tuple[int, int]]:
 def run_generate(args: Namespace) -> dict[str, Any]:
     """The `generate` command; returns its summary."""
     out = Path(args.out)
-    check_length(args.model, args.max_length)
-    tokenizer = load_tokenizer(args.model)
+    check_length(args.model, args.max_length, **args.hf)
+    tokenizer = load_tokenizer(args.model, **args.hf)
     template = Template(args.template, tokenizer)
     rows = load_rows(args.dataset, args.split, args.limit)
     prompts = [get_text(row, args.prompt_key, i) for i, row in enumerate(rows)]
@@ -164,13 +172,13 @@ def run_generate(args: Namespace) -> dict[str, Any]:
         use_ray=args.use_ray,
         num_workers=args.ray_workers,
     )
-    start_time, generated, empty = time.perf_counter(), 0, 0
+    wall_start, generated, empty = time.perf_counter(), 0, 0
+    start_time = None  # when the first shard began on a started engine: rates leave start-up out
     next_row = done
+    starting = "generate: starting " + ("Ray workers" if args.use_ray else "engine")
     with (
         open(out, "a", encoding="utf-8") as f,
-        tqdm(
-            total=len(rows), initial=done + sum(b - a for a, b in waiting.items()), desc="generate", unit="prompt"
-        ) as bar,
+        tqdm(total=len(rows), initial=done + sum(b - a for a, b in waiting.items()), desc=starting, unit="row") as bar,
     ):
 
         def flush() -> None:
@@ -188,6 +196,10 @@ def run_generate(args: Namespace) -> dict[str, Any]:
         try:
             for result in runner.run(tasks):
                 a, b = ranges[result["shard"]]
+                if start_time is None:
+                    start_time = time.perf_counter() - result["seconds"]
+                    bar.start_t = time.time() - result["seconds"]  # tqdm's own rate, from the first token
+                    bar.set_description("generate")
                 texts = json.loads(result["texts"])
                 empty += sum(not t.strip() for t in texts)
                 lines = "".join(
@@ -205,7 +217,8 @@ def run_generate(args: Namespace) -> dict[str, Any]:
         finally:
             runner.close()
     shutil.rmtree(parts)
-    secs = time.perf_counter() - start_time
+    end = time.perf_counter()
+    secs = end - (start_time or end)
     summary = dict(
         out=str(out),
         rows=len(rows),
@@ -213,10 +226,12 @@ def run_generate(args: Namespace) -> dict[str, Any]:
         generated_tokens=generated,
         empty_responses=empty,
         seconds=secs,
-        tokens_per_s=generated / secs,
+        engine_start_s=(start_time or end) - wall_start,
+        tokens_per_s=generated / secs if secs else None,
     )
     print(
         f"\n{out}: {len(rows):,} rows ({len(rows) - done:,} generated now), {generated:,} tokens "
-        f"in {secs:.1f} s, {generated / secs:,.0f} tok/s; {empty:,} empty responses"
+        f"in {secs:.1f} s after {summary['engine_start_s']:.1f} s of engine start-up, "
+        f"{generated / max(secs, 1e-9):,.0f} tok/s; {empty:,} empty responses"
     )
     return summary

@@ -88,6 +88,8 @@ class ShardRunner:
         self.worker_cls, self.worker_kwargs = worker_cls, worker_kwargs
         self.use_ray, self.num_workers = use_ray, num_workers
         self._worker: Any = None
+        # Seconds before each stage's first result (engine or Ray worker start-up), by stage name.
+        self.startup_s: dict[str, float] = {}
 
     def run(self, tasks: list[dict[str, Any]], **overrides: Any) -> Iterator[dict[str, Any]]:
         """Result rows of `tasks`, in task order in-process and in completion order on Ray."""

@@ -24,13 +24,13 @@ def run_rest(args: Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError(f"--out {out}: exists; pass --overwrite to replace it")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.model, **args.hf)
     start = time.perf_counter()
     rows = load_rows(args.dataset, args.split, args.limit)
     template = Template(args.template, tokenizer)
     corpus = encode_corpus(rows, template, args.prompt_key, args.response_key, args.max_length)
     metadata = dict(
-        tokenizer=args.tokenizer,
+        tokenizer=args.model,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         vocab_size=len(tokenizer),
         template=args.template,

@@ -65,6 +65,7 @@ class Manifest:
     num_keys: int
     index_factory: str  # FAISS factory string; "auto" is resolved by write_datastore
     nprobe: int | None = None  # IVF lists probed per query; None for non-IVF indexes
+    dtype: str | None = None  # the engine dtype the keys were embedded at ("float32"); None: not recorded
     build: dict[str, Any] = dataclasses.field(default_factory=dict)  # build parameters and timings
     format_version: int = FORMAT_VERSION
 

@@ -45,6 +45,7 @@ class DresdProposer(GuardedProposer):
             vocab_size=model_config.get_vocab_size(),
             tokenizer_fingerprint=model_tokenizer_fingerprint(model_config),
         )
+        warn_dtype(self.datastore.manifest.dtype, model_config.dtype, self.config.datastore)
         self.drafter = Drafter(self.datastore, self.config, device=vllm_config.device_config.device)
         self.retriever = self.drafter.retriever
         # vLLM's batch-size schedule for num_speculative_tokens, applied here so no draft is made to be cut.
@@ -106,6 +107,23 @@ class DresdProposer(GuardedProposer):
             stats[name] = drafter[name]
         stats["threads_changed_steps"] = self._threads_changed_steps
         return stats
+
+
+def warn_dtype(built: str | None, served: torch.dtype, datastore: str) -> bool:
+    """Warn (and return True) when the datastore's keys were embedded at another dtype than the one served.
+
+    Still lossless, but the served states are not the ones the keys were made from, and an ID corpus
+    generated at another dtype is not this model's greedy output: drafts are accepted less often.
+    """
+    served_name = str(served).removeprefix("torch.")
+    if built is None or built == served_name:
+        return False
+    logger.warning(
+        "DReSD: %s was built at dtype %s but the model is served at %s; serve with --dtype %s, or rebuild with "
+        "dresd-build --dtype %s (acceptance suffers, outputs do not)",
+        datastore, built, served_name, built, served_name,
+    )  # fmt: skip
+    return True
 
 
 def model_tokenizer_fingerprint(model_config) -> str | None:
