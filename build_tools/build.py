@@ -5,11 +5,17 @@ Stages, each resumable from the work directory `OUT.partial/` next to the output
     tokenize   template(prompt) + response per row, cut to --max-length (redone by every run)
     fit        embed a seeded random sample of sequences, fit the projection -> projection.safetensors
     embed      embed every sequence, shard by shard, project each state   -> shards/NNNNN.npy
-    index      build the FAISS index and the token store, write OUT atomically, remove OUT.partial
+    index      train the index on a sample of the keys (trained.faiss), encode each shard into it
+               (index/NNNNN.faiss, on Ray workers with --ray), merge the shards in key order, write
+               the token store and OUT atomically, remove OUT.partial
+
+With --append, OUT is an existing datastore: its projection replaces the fit stage, its trained
+index the training, and the new keys and tokens are added after its own (ids continue).
 
 Embedding twice (the sample, then everything) costs about pca_sample extra positions but means no
 stage ever holds raw hidden states of the whole corpus: shards are fp16 keys of pca_dim (128 bytes
-per position at d=64) instead of hidden_size floats. `plan.json` in the work directory records
+per position at d=64) instead of hidden_size floats, and the index stage holds one shard of keys
+at a time next to the merged index's codes. `plan.json` in the work directory records
 everything the shards depend on; a rerun with a different model, tokenizer or setting refuses to
 mix its work with the old (or discards it with --overwrite). OUT only ever appears complete.
 """
@@ -37,9 +43,30 @@ from build_tools.embed import (
     plan_shards,
     shard_task,
 )
+from build_tools.index_shards import IndexWorker, index_task
 from build_tools.ray_jobs import ShardRunner
-from dresd_vllm.datastore import MANIFEST, DatastoreError, Manifest, token_store_from_sequences, write_datastore
+from dresd_vllm.datastore import (
+    INDEX,
+    MANIFEST,
+    PROJECTION,
+    DatastoreError,
+    Manifest,
+    append_datastore,
+    token_store_from_sequences,
+    write_datastore,
+)
 from dresd_vllm.datastore import tokenizer_fingerprint as fingerprint_of
+from dresd_vllm.index import (
+    add_keys,
+    auto_factory,
+    empty_copy,
+    merge_shard,
+    mergeable,
+    new_index,
+    set_search_defaults,
+    train_index,
+    train_rows,
+)
 from dresd_vllm.projection import Projection
 
 # Raw fp32 states of one sample shard travel as one Arrow binary value (< 2 GiB): 32k positions is
@@ -207,10 +234,9 @@ def fit_stage(args: Namespace, corpus: Corpus, runner: ShardRunner, work: Path) 
 
 def embed_stage(
     args: Namespace, corpus: Corpus, projection: Projection, runner: ShardRunner, work: Path
-) -> tuple[np.ndarray, int]:
-    """Projected keys of every position, shard by shard, and how many positions this run embedded.
-
-    Finished shards of an earlier run are kept.
+) -> tuple[list[Path], int]:
+    """The shard files of projected keys of every position, in key order, and how many positions this
+    run embedded. Finished shards of an earlier run are kept.
     """
     tasks = _tasks(corpus, np.arange(len(corpus.lengths)), args.shard_tokens)
     sizes = {t["shard"]: int(np.frombuffer(t["lengths"], dtype=np.int64).sum()) for t in tasks}
@@ -236,7 +262,98 @@ def embed_stage(
             keys = np.frombuffer(result["data"], dtype=np.float16).reshape(-1, args.pca_dim)
             _save_atomic(shard_path(result["shard"]), _npy_saver(keys))
             bar.update(result["positions"])
-    return np.concatenate([np.load(shard_path(t["shard"])) for t in tasks]), todo
+    return [shard_path(t["shard"]) for t in tasks], todo
+
+
+def _train_sample(shards: list[Path], sizes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Keys ``rows`` (sorted, global) gathered from the shard files, one shard in memory at a time."""
+    bounds = np.concatenate(([0], np.cumsum(sizes)))
+    parts = []
+    for i, path in enumerate(shards):
+        mine = rows[(rows >= bounds[i]) & (rows < bounds[i + 1])] - bounds[i]
+        if len(mine):
+            parts.append(np.load(path, mmap_mode="r")[mine])
+    return np.concatenate(parts)
+
+
+def index_stage(args: Namespace, shards: list[Path], work: Path, base: faiss.Index | None, factory: str) -> faiss.Index:
+    """The index over the keys in ``shards``: ``base`` (an existing datastore's index) extended, or a new
+    ``factory`` index trained on a seeded sample of the keys. Shards are encoded by `IndexWorker`s (on
+    Ray with --ray) and merged in key order; encoded shards of an earlier run are kept.
+    """
+    sizes = np.array([np.load(p, mmap_mode="r").shape[0] for p in shards], dtype=np.int64)
+    first = base.ntotal if base is not None else 0
+    if base is None:
+        trained_path = work / "trained.faiss"
+        if trained_path.is_file():
+            index = faiss.read_index(str(trained_path))
+        else:
+            index = new_index(args.pca_dim, factory)
+            rows = train_rows(int(sizes.sum()), index, args.seed)
+            if len(rows):
+                with tqdm(total=len(rows), desc="index: train", unit="key", unit_scale=True) as bar:
+                    train_index(index, _train_sample(shards, sizes, rows), args.seed)
+                    bar.update(len(rows))
+            _save_atomic(trained_path, lambda tmp: faiss.write_index(index, str(tmp)))
+    else:
+        index = base
+    if not mergeable(index):
+        # Graph indexes (HNSW) insert one key at a time against the keys before it: one process.
+        for path in tqdm(shards, desc="index: add", unit="shard"):
+            add_keys(index, np.load(path), index.ntotal)
+        if base is None:
+            set_search_defaults(index)
+        return index
+
+    trained = empty_copy(index) if base is not None else index
+    out_dir = work / "index"
+    out_dir.mkdir(exist_ok=True)
+    starts = first + np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    tasks = [index_task(i, str(p), int(s)) for i, (p, s) in enumerate(zip(shards, starts, strict=True))]
+    pending = [t for t in tasks if not (out_dir / f"{t['shard']:05d}.faiss").is_file()]
+    runner = ShardRunner(
+        IndexWorker,
+        dict(trained=faiss.serialize_index(trained).tobytes(), threads=1 if args.use_ray else None),
+        use_ray=args.use_ray,
+        num_workers=args.ray_workers,
+        cpu_only=True,
+    )
+    done = int(sizes.sum() - sum(sizes[t["shard"]] for t in pending))
+    try:
+        with tqdm(total=int(sizes.sum()), initial=done, desc="index: encode", unit="key", unit_scale=True) as bar:
+            for result in runner.run(pending):
+                data = np.frombuffer(result["data"], dtype=np.uint8)
+                _save_atomic(out_dir / f"{result['shard']:05d}.faiss", lambda tmp, d=data: d.tofile(tmp))
+                bar.update(result["positions"])
+    finally:
+        runner.close()
+    merged = index if base is not None else empty_copy(trained)
+    for task in tqdm(tasks, desc="index: merge", unit="shard"):
+        merge_shard(merged, faiss.read_index(str(out_dir / f"{task['shard']:05d}.faiss")))
+    if base is None:
+        set_search_defaults(merged)
+    return merged
+
+
+def _base_of(args: Namespace, out: Path, plan: dict[str, Any]) -> Manifest | None:
+    """With --append, the manifest of the datastore at `out` after checking that the corpus fits it."""
+    if not args.append:
+        return None
+    if not (out / MANIFEST).is_file():
+        raise InputError(f"--append: {out} holds no datastore to append to (no {MANIFEST}); build it first")
+    try:
+        base = Manifest.from_json((out / MANIFEST).read_text(), source=str(out / MANIFEST))
+    except DatastoreError as e:
+        raise InputError(f"--append: {e}") from e
+    ours = {**{k: plan[k] for k in MODEL_FIELDS}, "template": args.template, "n_next": args.n_next}
+    ours["pca_dim"] = args.pca_dim
+    for field, value in ours.items():
+        if getattr(base, field) != value:
+            raise InputError(
+                f"--append: {out} was built with {field}={getattr(base, field)!r}, this corpus asks for {value!r}; "
+                f"append with the same {field} (the keys and values must mean what the datastore's mean)"
+            )
+    return base
 
 
 def numerics(engine_args: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +389,14 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
     times["tokenize"] = time.perf_counter() - t0
     plan = plan_of(args, tokenizer, corpus)
     request = {**plan, "n_next": args.n_next, "index": args.index}
-    if check_output(out, request, args.overwrite):
+    base = _base_of(args, out, plan)
+    if base is not None:
+        if any(a.get("request") == request for a in base.build.get("appended", [])):
+            print(f"{out}: already holds this corpus (appended before); nothing to do")
+            return {}
+        # The work directory belongs to this append onto this datastore, not to another.
+        plan["append_to"] = {"num_keys": base.num_keys, "index": base.index_factory}
+    elif check_output(out, request, args.overwrite):
         print(f"{out}: already holds this datastore; nothing to do (pass --overwrite to rebuild)")
         return {}
     work = work_dir(out)
@@ -285,10 +409,10 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
     )
     try:
         t0 = time.perf_counter()
-        projection = fit_stage(args, corpus, runner, work)
+        projection = Projection.load(out / PROJECTION) if base is not None else fit_stage(args, corpus, runner, work)
         times["fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        keys, embedded = embed_stage(args, corpus, projection, runner, work)
+        shards, embedded = embed_stage(args, corpus, projection, runner, work)
         times["embed"] = time.perf_counter() - t0
     finally:
         runner.close()
@@ -297,6 +421,12 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
         times[stage] -= secs
     times["engine_start"] = sum(runner.startup_s.values())
 
+    t0 = time.perf_counter()
+    num_keys = int(corpus.lengths.sum())
+    factory = base.index_factory if base is not None else args.index
+    factory = auto_factory(num_keys) if factory == "auto" else factory
+    index = index_stage(args, shards, work, faiss.read_index(str(out / INDEX)) if base is not None else None, factory)
+    times["index"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tokens, offsets = token_store_from_sequences(corpus.sequences(), args.n_next, tokenizer.eos_token_id)
     build = dict(
@@ -307,21 +437,24 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
         numerics=numerics(args.engine_args),
         stage_s={k: round(v, 3) for k, v in times.items()},
     )
-    manifest = Manifest(
-        model=args.model,
-        hidden_size=plan["hidden_size"],
-        vocab_size=plan["vocab_size"],
-        tokenizer_fingerprint=plan["tokenizer_fingerprint"],
-        template=args.template,
-        n_next=args.n_next,
-        pca_dim=args.pca_dim,
-        num_keys=len(keys),
-        index_factory=args.index,
-        dtype=args.engine_args.get("dtype"),
-        build=build,
-    )
-    write_datastore(out, manifest, projection, keys, tokens, offsets)
-    times["index+write"] = time.perf_counter() - t0
+    if base is not None:
+        append_datastore(out, index, tokens, offsets, build=build)
+    else:
+        manifest = Manifest(
+            model=args.model,
+            hidden_size=plan["hidden_size"],
+            vocab_size=plan["vocab_size"],
+            tokenizer_fingerprint=plan["tokenizer_fingerprint"],
+            template=args.template,
+            n_next=args.n_next,
+            pca_dim=args.pca_dim,
+            num_keys=num_keys,
+            index_factory=factory,
+            dtype=args.engine_args.get("dtype"),
+            build=build,
+        )
+        write_datastore(out, manifest, projection, index, tokens, offsets)
+    times["write"] = time.perf_counter() - t0
     shutil.rmtree(work)
     written = Manifest.from_json((out / MANIFEST).read_text())
     size = sum(f.stat().st_size for f in out.iterdir())
@@ -329,6 +462,7 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
         out=str(out),
         **corpus.summary(),
         keys=written.num_keys,
+        appended_keys=num_keys if base is not None else None,
         index=written.index_factory,
         bytes=size,
         bytes_per_key=size / max(written.num_keys, 1),
@@ -348,6 +482,8 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"  skipped {s['skipped_empty']:,} rows with an empty response")
     if s["truncated"]:
         print(f"  truncated {s['truncated']:,} sequences to --max-length ({s['truncated_tokens']:,} tokens cut)")
+    if s["appended_keys"]:
+        print(f"  appended {s['appended_keys']:,} keys")
     print(f"  keys {s['keys']:,} ({s['index']}), {s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_key']:.1f} bytes/key")
     for stage, secs in s["stage_s"].items():
         rate = f"  {s['embed_tokens_per_s']:,.0f} tok/s" if stage == "embed" and s["embed_tokens_per_s"] else ""

@@ -200,7 +200,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--index",
         default="auto",
-        help="FAISS factory string, or auto: exact Flat for small stores, IVF above (dresd_vllm.index.auto_factory)",
+        help="FAISS factory string, or auto: exact Flat up to 50k keys, IVF-SQfp16 up to 2M, IVF-PQ above "
+        "(dresd_vllm.index.auto_factory)",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add this corpus to the datastore at --out, with its projection and trained index (written atomically)",
     )
     p.add_argument(
         "--shard-tokens",

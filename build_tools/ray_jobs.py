@@ -1,4 +1,4 @@
-"""Running `generate` and `embed` shards as Ray Data jobs: one vLLM engine per worker actor.
+"""Running `generate`, `embed` and index shards as Ray Data jobs: one vLLM engine (or FAISS) per worker actor.
 
 Every shard is one input row and one block, so the actor pool spreads shards over workers; results
 stream back to the driver as each shard finishes, and the driver writes them (workers need no
@@ -34,11 +34,11 @@ def connect(address: str | None) -> bool:
 
 
 def default_workers(gpus_per_worker: int) -> int:
-    """One worker per `gpus_per_worker` GPUs of the cluster, or one per CPU where it has no GPU."""
+    """One worker per `gpus_per_worker` GPUs of the cluster, or one per CPU where it has no GPU (or for 0)."""
     import ray
 
     resources = ray.cluster_resources()
-    if resources.get("GPU", 0) >= gpus_per_worker:
+    if gpus_per_worker and resources.get("GPU", 0) >= gpus_per_worker:
         return int(resources["GPU"] // gpus_per_worker)
     return max(1, int(resources.get("CPU", 1)))
 
@@ -48,10 +48,13 @@ def run(
     worker_cls: type,
     worker_kwargs: dict[str, Any],
     num_workers: int | None = None,
+    cpu_only: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Map every task through `worker_cls(**worker_kwargs)` actors; yield result rows as shards finish.
 
     Ray must be connected (`connect`). Results come in completion order; each carries its shard id.
+    Workers hold `tensor_parallel_size` GPUs where the cluster has them, or one CPU where it has
+    none or with `cpu_only` (the index stage: FAISS on the CPU, one CPU each).
     """
     import ray
     import ray.data
@@ -59,8 +62,8 @@ def run(
     if not tasks:
         return
     tp = int(worker_kwargs.get("engine_args", {}).get("tensor_parallel_size", 1))
-    has_gpus = ray.cluster_resources().get("GPU", 0) >= tp
-    workers = min(len(tasks), num_workers or default_workers(tp))
+    has_gpus = not cpu_only and ray.cluster_resources().get("GPU", 0) >= tp
+    workers = min(len(tasks), num_workers or default_workers(0 if cpu_only else tp))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the build shows its own, in tokens/s
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
@@ -84,9 +87,16 @@ class ShardRunner:
     `worker_kwargs | overrides`.
     """
 
-    def __init__(self, worker_cls: type, worker_kwargs: dict[str, Any], use_ray: bool, num_workers: int | None = None):
+    def __init__(
+        self,
+        worker_cls: type,
+        worker_kwargs: dict[str, Any],
+        use_ray: bool,
+        num_workers: int | None = None,
+        cpu_only: bool = False,
+    ):
         self.worker_cls, self.worker_kwargs = worker_cls, worker_kwargs
-        self.use_ray, self.num_workers = use_ray, num_workers
+        self.use_ray, self.num_workers, self.cpu_only = use_ray, num_workers, cpu_only
         self._worker: Any = None
         # Seconds before each stage's first result (engine or Ray worker start-up), by stage name.
         self.startup_s: dict[str, float] = {}
@@ -94,7 +104,8 @@ class ShardRunner:
     def run(self, tasks: list[dict[str, Any]], **overrides: Any) -> Iterator[dict[str, Any]]:
         """Result rows of `tasks`, in task order in-process and in completion order on Ray."""
         if self.use_ray:
-            yield from run(tasks, self.worker_cls, {**self.worker_kwargs, **overrides}, self.num_workers)
+            kwargs = {**self.worker_kwargs, **overrides}
+            yield from run(tasks, self.worker_cls, kwargs, self.num_workers, self.cpu_only)
             return
         for task in tasks:
             if self._worker is None:

@@ -167,9 +167,15 @@ def mergeable(index: faiss.Index) -> bool:
 
 def empty_copy(index: faiss.Index) -> faiss.Index:
     """A trained copy of ``index`` holding no keys: what shards are encoded into."""
-    copy = faiss.clone_index(index)
+    copy = _as_read(index)
     copy.reset()
     return copy
+
+
+def _as_read(index: faiss.Index) -> faiss.Index:
+    # A copy through the file format, so that every copy has the class a worker reading it gets
+    # (the factory's IndexFlat reads back as IndexFlatIP, and FAISS merges only equal classes).
+    return faiss.deserialize_index(faiss.serialize_index(index))
 
 
 def encode_shard(trained: faiss.Index, keys: np.ndarray, first_id: int) -> faiss.Index:
@@ -178,7 +184,7 @@ def encode_shard(trained: faiss.Index, keys: np.ndarray, first_id: int) -> faiss
     Each key's code depends only on the key and the trained quantisers, so shards encoded
     anywhere and merged in order (:func:`merge_shard`) equal one index filled in order.
     """
-    shard = faiss.clone_index(trained)
+    shard = _as_read(trained)
     add_keys(shard, keys, first_id if _ivf_of(shard) is not None else 0)
     return shard
 

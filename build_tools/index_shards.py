@@ -1,0 +1,58 @@
+"""The index stage of `dresd-build datastore`: encode shards of keys into a trained index, anywhere.
+
+The driver trains the index once on a sample of the keys. `IndexWorker` encodes one shard of keys
+(a `.npy` file the embed stage wrote) into a copy of the trained index and returns it serialised;
+the driver merges the shards in key order. In-process and on Ray the same class does the same work
+per shard, so both builds write the same index file, byte for byte; no process ever holds every
+key at full precision, only the merged index's codes. On Ray the workers read the shard files, so
+the work directory must be on a filesystem they share (always so on a local cluster).
+"""
+
+import os
+import socket
+import time
+from typing import Any
+
+import faiss
+import numpy as np
+
+from build_tools.embed import unbatch
+from dresd_vllm.index import encode_shard
+
+
+def index_task(shard: int, path: str, first_id: int) -> dict[str, Any]:
+    """One unit of work: a shard file of keys and the id of its first key."""
+    return {"shard": shard, "path": path, "first_id": first_id}
+
+
+class IndexWorker:
+    """Encodes shards into copies of a trained, empty index; a callable class, as Ray Data wants.
+
+    ``threads`` FAISS threads (None: FAISS's default, every core). On Ray each worker holds one CPU,
+    so it runs one thread and the workers, not the threads, use the cores.
+    """
+
+    def __init__(self, trained: bytes, threads: int | None = None):
+        self.trained = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+        if threads is not None:
+            faiss.omp_set_num_threads(threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        """Map a batch of index tasks to `{"shard", "positions", "data", "seconds", "worker"}`.
+
+        `data` is the serialised index holding the shard's keys under their global ids.
+        """
+        out: dict[str, list] = {"shard": [], "positions": [], "data": [], "seconds": [], "worker": []}
+        for task in unbatch(batch):
+            start = time.perf_counter()
+            keys = np.load(task["path"], mmap_mode="r")
+            shard = encode_shard(self.trained, keys, int(task["first_id"]))
+            out["shard"].append(int(task["shard"]))
+            out["positions"].append(len(keys))
+            out["data"].append(faiss.serialize_index(shard).tobytes())
+            out["seconds"].append(time.perf_counter() - start)
+            out["worker"].append(f"{socket.gethostname()}:{os.getpid()}")
+        return out
+
+    def close(self) -> None:
+        """Nothing to release (the same interface as `EmbedWorker`)."""
