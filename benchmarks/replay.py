@@ -52,22 +52,30 @@ Step = Callable[[list[str], list[list[int]], np.ndarray, np.ndarray, torch.Tenso
 def record(
     settings: Settings, prompts: Sequence[Sequence[int]], max_tokens: Sequence[int], cache: Path | None
 ) -> list[Trajectory]:
-    """Greedy trajectories (and their states) of ``prompts``, read from ``cache`` when it holds the same run."""
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                settings.model,
-                settings.engine_args,
-                settings.num_speculative_tokens,
-                list(max_tokens),
-                [list(p) for p in prompts],
-            ]
-        ).encode()
-    ).hexdigest()[:16]
-    path = cache / f"trajectories-{key}.pt" if cache is not None else None
-    if path is not None and path.is_file():
-        return [Trajectory(**t) for t in torch.load(path, weights_only=False)]
+    """Greedy trajectories (and their states) of ``prompts``; each is kept in ``cache`` and reused by later runs."""
+    k = settings.num_speculative_tokens
+    run = [settings.model, settings.engine_args, k]  # not max_model_len: runs over other prompts reuse these
+    keys = [
+        hashlib.sha256(json.dumps([*run, m, list(map(int, p))]).encode()).hexdigest()[:20]
+        for p, m in zip(prompts, max_tokens, strict=True)
+    ]
+    found: dict[int, Trajectory] = {}
+    for i, key in enumerate(keys):
+        if cache is not None and (cache / f"{key}.pt").is_file():
+            found[i] = Trajectory(**torch.load(cache / f"{key}.pt", weights_only=False))
+    missing = [i for i in range(len(prompts)) if i not in found]
+    if missing:
+        for i, t in zip(
+            missing, _record([prompts[i] for i in missing], [max_tokens[i] for i in missing], settings), strict=True
+        ):
+            found[i] = t
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                torch.save(dataclasses.asdict(t), cache / f"{keys[i]}.pt")
+    return [found[i] for i in range(len(prompts))]
 
+
+def _record(prompts: list[Sequence[int]], max_tokens: list[int], settings: Settings) -> list[Trajectory]:
     from vllm import LLM, SamplingParams
 
     from build_tools.embed import EmbedWorker, close_llm
@@ -99,9 +107,6 @@ def record(
                 states=state[:-1].float().contiguous(),
             )
         )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save([dataclasses.asdict(t) for t in out], path)
     return out
 
 

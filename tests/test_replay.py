@@ -95,9 +95,8 @@ def test_replay_command_grid_and_best_of(tiny_model, prompts, own_datastore, tmp
     report = json.loads((out / "replay.json").read_text())
     names = [m["name"] for m in report["methods"]]
     assert names == [
-        "ngram", "suffix",
         "dresd-ID token_cost=0.02", "dresd-ID token_cost=0.5", "dresd-ID best-of-survivors",
-        "dresd-ID+context token_cost=0.02", "dresd-ID+context token_cost=0.5",
+        "dresd-ID+context token_cost=0.02", "dresd-ID+context token_cost=0.5", "ngram", "suffix",
     ]  # fmt: skip
     for m in report["methods"]:
         assert m["tokens_per_step"] >= 1 and m["output_tokens"] == report["methods"][0]["output_tokens"], m["name"]
