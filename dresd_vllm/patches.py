@@ -29,6 +29,7 @@ import inspect
 import numpy as np
 import torch
 from packaging.version import Version
+from vllm.logger import init_logger
 
 SUPPORTED_VLLM = (Version("0.32"), Version("0.34"))  # [low, high)
 _PROPOSE_PARAMS = [
@@ -36,6 +37,7 @@ _PROPOSE_PARAMS = [
     "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata",
     "slot_mappings",
 ]  # fmt: skip
+logger = init_logger(f"vllm.{__name__}")
 _EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 _applied = False
 
@@ -90,18 +92,27 @@ def _rewrite_dresd_method(create_speculative_config):
 
 
 def _capture_hidden_states(propose_draft_token_ids):
+    logged = False
+
     @functools.wraps(propose_draft_token_ids)
     def wrapper(
         self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
         sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
         slot_mappings,
     ):  # fmt: skip
+        nonlocal logged
         capture = getattr(getattr(self, "drafter", None), "capture_hidden_states", None)
         if capture is not None and isinstance(sampled_token_ids, list):
-            capture(
-                verified_states(sample_hidden_states, sampled_token_ids, spec_decode_metadata),
-                self.input_batch.req_ids[: len(sampled_token_ids)],
-            )
+            try:
+                capture(
+                    verified_states(sample_hidden_states, sampled_token_ids, spec_decode_metadata),
+                    self.input_batch.req_ids[: len(sampled_token_ids)],
+                )
+            except Exception:
+                # Nothing is captured, so the proposer's guard makes this a step without drafts.
+                if not logged:
+                    logged = True
+                    logger.exception("dresd-vllm: capturing the verified hidden states failed")
         return propose_draft_token_ids(
             self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
             sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,

@@ -83,6 +83,21 @@ def test_proposer_handing_back_a_bad_draft_changes_no_output(
     assert stats["faults"] == stats["steps"] > 0 and stats["draft_tokens"] == 0
 
 
+def test_failing_hidden_state_capture_changes_no_output(tiny_model, prompts, plain_outputs, own_datastore, llm_factory):
+    llm = llm_factory(tiny_model, speculative_config=dresd(own_datastore))
+
+    def inject(worker):
+        def fail(*args):
+            raise IndexError("injected")
+
+        worker.model_runner.drafter.capture_hidden_states = fail
+
+    llm.collective_rpc(inject)
+    assert tokens(llm.generate(prompts[:4], GREEDY, use_tqdm=False)) == tokens(plain_outputs[:4])
+    (stats,) = llm.collective_rpc("dresd_stats")
+    assert stats["faults"] == stats["steps"] > 0
+
+
 # --- item 3: the token store changed under a running engine ---
 
 

@@ -23,7 +23,9 @@ def _complete(base_url: str, model: str, prompts: list[str]) -> dict:
 
 def _accepted_tokens(base_url: str) -> float:
     lines = requests.get(f"{base_url}/metrics", timeout=10).text.splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith("vllm:spec_decode_num_accepted_tokens"))
+    # The counter's sample only: the `_created` line beside it holds a timestamp.
+    total = "vllm:spec_decode_num_accepted_tokens_total{"
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(total))
 
 
 @pytest.fixture(scope="module")
@@ -39,4 +41,34 @@ def test_server_with_dresd_matches_plain_server(tiny_model, prompts, own_datasto
         accepted = _accepted_tokens(base_url)
     assert outputs == plain_server_outputs
     assert outputs["streamed"] == outputs["chat"]
+    assert accepted > 0
+
+
+@pytest.fixture(scope="module")
+def mixed_plain(tiny_model) -> tuple[list, dict]:
+    """A short request mix (see test_soak) and the plain server's answers to its greedy requests."""
+    from test_soak import make_mix, run_mix
+
+    mix = make_mix(48, seed=1)
+    greedy = [r for r in mix if r.greedy]
+    with vllm_server(tiny_model) as base_url:
+        plain = run_mix(base_url, tiny_model, greedy)
+    assert not plain.bad, plain.bad
+    return mix, plain.texts
+
+
+@pytest.mark.parametrize("method", ["ngram", "rest"])
+def test_greedy_in_mixed_server_batches_equals_plain_server(tiny_model, rest_datastore, mixed_plain, method):
+    from test_soak import run_mix
+
+    mix, plain = mixed_plain
+    config = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    if method == "rest":
+        config = {"method": "rest", "datastore": rest_datastore, "num_speculative_tokens": K}
+    with vllm_server(tiny_model, "--speculative-config", json.dumps(config)) as base_url:
+        outcome = run_mix(base_url, tiny_model, mix)
+        accepted = _accepted_tokens(base_url)
+    assert not outcome.bad, outcome.bad
+    greedy = [i for i, r in enumerate(mix) if r.greedy]
+    assert [outcome.texts[i] for i in greedy] == [plain[j] for j in range(len(greedy))]
     assert accepted > 0
