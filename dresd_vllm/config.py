@@ -59,7 +59,8 @@ class DresdConfig(_Options):
     proposer: typing.ClassVar[str] = "dresd_vllm.proposer.DresdProposer"
     ranges: typing.ClassVar[dict[str, tuple[float | None, float | None]]] = dict(
         top_k=(1, None), max_candidates=(1, None), min_support=(0.0, 1.0), nprobe=(1, None), ef_search=(1, None),
-        search_threads=(1, None),
+        search_threads=(1, None), context_max_depth=(1, None), context_cached_requests=(0, None),
+        context_min_prob=(0.0, 1.0), online_store_size=(1, None), token_cost=(0.0, None),
     )  # fmt: skip
 
     datastore: str
