@@ -395,8 +395,8 @@ class Datastore:
         manifest: Manifest,
         projection: Projection,
         index: SearchIndex,
-        tokens: np.memmap,
-        offsets: np.memmap,
+        tokens: np.ndarray,
+        offsets: np.ndarray,
     ):
         self.path = path
         self.manifest = manifest
@@ -510,7 +510,7 @@ class Datastore:
                 )
 
 
-def _load_array(path: Path, *dtypes: type[np.generic]) -> np.memmap:
+def _load_array(path: Path, *dtypes: type[np.generic]) -> np.ndarray:
     try:
         array = np.load(path)  # into memory, not mapped: see the module docstring
     except (ValueError, EOFError, OSError) as e:
