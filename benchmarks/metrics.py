@@ -47,6 +47,31 @@ def acceptance(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def per_step(
+    output_tokens: int, accepted: dict[str, Any] | None, request_steps: int | None = None
+) -> dict[str, float | None]:
+    """What decides speed, over every step of every request (vLLM's acceptance length counts only drafted steps).
+
+    `request_steps`: the steps each request was scheduled in, summed over requests (the prefill step that
+    yields the first token included). Without it, output tokens - accepted tokens, since each step yields
+    one sampled token plus the draft tokens accepted in it; vLLM counts the accepted tokens of a last step
+    that max_tokens or a stop token cut, so that estimate runs a little high on short outputs.
+    tokens_per_step = output tokens / steps; drafted_step_share = steps with a draft / steps;
+    draft_tokens_per_step = draft tokens verified / steps (the verification cost). `accepted` is
+    `acceptance()`'s result, None without speculation.
+    """
+    if accepted is None:
+        return dict(tokens_per_step=1.0 if output_tokens else None, drafted_step_share=0.0, draft_tokens_per_step=0.0)
+    steps = request_steps if request_steps is not None else output_tokens - accepted["accepted_tokens"]
+    if steps <= 0:
+        return dict(tokens_per_step=None, drafted_step_share=None, draft_tokens_per_step=None)
+    return dict(
+        tokens_per_step=output_tokens / steps,
+        drafted_step_share=accepted["drafts"] / steps,
+        draft_tokens_per_step=accepted["draft_tokens"] / steps,
+    )
+
+
 def stats_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
     """The window's share of a proposer's cumulative `dresd_stats`: counters and seconds as deltas,
     each `X_s` also as `X_ms_per_step`. Ratios of the cumulative dict are dropped, not subtracted."""

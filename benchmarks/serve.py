@@ -9,6 +9,8 @@ request. Acceptance comes from the server's `/metrics`, as deltas over each leve
 
 import asyncio
 import json
+import math
+import random
 import time
 import traceback
 import urllib.request
@@ -17,8 +19,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from build_tools.data import InputError
+
 from .inputs import Method, Prompts, Settings, engine_kwargs
-from .metrics import PER_POSITION, SPEC_COUNTERS, SPEC_PREFIX, acceptance, percentiles
+from .metrics import PER_POSITION, SPEC_COUNTERS, SPEC_PREFIX, acceptance, per_step, percentiles
 from .report import finish, fmt, markdown_table, table
 from .server import engine_flags, vllm_server
 
@@ -73,22 +77,45 @@ async def _request(client, model: str, settings: Settings, prompt: list[int], se
     )
 
 
+def arrival_times(num_requests: int, request_rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which each request is sent: a Poisson process of `request_rate`
+    requests/s (exponential gaps, seeded, as `vllm bench serve` sends them), or all at 0 when it is inf."""
+    if math.isinf(request_rate):
+        return [0.0] * num_requests
+    gaps = random.Random(seed).expovariate
+    times, t = [], 0.0
+    for _ in range(num_requests):
+        times.append(t)
+        t += gaps(request_rate)
+    return times
+
+
 async def run_level(
-    base_url: str, settings: Settings, prompts: Prompts, concurrency: int, num_requests: int
+    base_url: str,
+    settings: Settings,
+    prompts: Prompts,
+    concurrency: int,
+    num_requests: int,
+    request_rate: float = math.inf,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """`num_requests` requests (the prompts in turn) from `concurrency` concurrent clients, after one warm-up."""
+    """`num_requests` requests (the prompts in turn), at most `concurrency` in flight, sent at `request_rate`
+    requests/s (Poisson arrivals; inf: all at once), after one warm-up. `model`: the served model's name."""
     import openai
 
+    model = model or settings.model
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=3600)
     try:
-        await _request(client, settings.model, settings, prompts.warmup, settings.seed)
+        await _request(client, model, settings, prompts.warmup, settings.seed)
         before = scrape(base_url)
         slots = asyncio.Semaphore(concurrency)
+        arrivals = arrival_times(num_requests, request_rate, settings.seed)
 
         async def one(i: int) -> dict[str, Any]:
+            await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
             async with slots:
                 prompt = prompts.token_ids[i % len(prompts.token_ids)]
-                return await _request(client, settings.model, settings, prompt, settings.seed + i)
+                return await _request(client, model, settings, prompt, settings.seed + i)
 
         start = time.perf_counter()
         records = await asyncio.gather(*(one(i) for i in range(num_requests)))
@@ -97,8 +124,10 @@ async def run_level(
     finally:
         await client.close()
     output_tokens = sum(len(r["tokens"]) for r in records)
+    accepted = acceptance(before, after)
     return dict(
         concurrency=concurrency,
+        request_rate=None if math.isinf(request_rate) else request_rate,
         requests=num_requests,
         output_tokens=output_tokens,
         elapsed_s=elapsed,
@@ -107,13 +136,21 @@ async def run_level(
         latency_s=percentiles([r["latency_s"] for r in records]),
         ttft_s=percentiles([r["ttft_s"] for r in records]),
         tpot_ms=percentiles([1e3 * r["tpot_s"] for r in records if r["tpot_s"] is not None]),
-        **acceptance(before, after),
+        **accepted,
+        # A server without speculation counts no drafts: one token per step.
+        **per_step(output_tokens, accepted if accepted["drafts"] else None),
         outputs=[r["tokens"] for r in records],
     )
 
 
 def serve_method(
-    method: Method, settings: Settings, prompts: Prompts, levels: list[int], num_requests: int, out_dir: Path
+    method: Method,
+    settings: Settings,
+    prompts: Prompts,
+    levels: list[int],
+    num_requests: int,
+    out_dir: Path,
+    request_rate: float = math.inf,
 ) -> dict[str, Any]:
     """One server for `method`, every concurrency level in turn; `status` "failed" (with `error`) instead of raising."""
     result: dict[str, Any] = dict(name=method.name, kind=method.kind, speculative_config=method.speculative_config)
@@ -126,7 +163,8 @@ def serve_method(
         with vllm_server(settings.model, *flags, log=log) as base_url:
             result["server_start_s"] = time.perf_counter() - start
             result["levels"] = [
-                asyncio.run(run_level(base_url, settings, prompts, c, max(num_requests, c))) for c in levels
+                asyncio.run(run_level(base_url, settings, prompts, c, max(num_requests, c), request_rate))
+                for c in levels
             ]
         result["status"] = "ok"
     except Exception as e:
@@ -135,9 +173,36 @@ def serve_method(
     return result
 
 
+def served_model(base_url: str) -> str:
+    """The name a running server serves its model under (`/v1/models`); InputError if none answers there."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=30) as response:
+            return json.loads(response.read())["data"][0]["id"]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise InputError(f"--base-url {base_url}: no OpenAI-compatible server answers /v1/models ({e})") from e
+
+
+def serve_running(
+    base_url: str, settings: Settings, prompts: Prompts, levels: list[int], num_requests: int, request_rate: float
+) -> dict[str, Any]:
+    """Every level against a server started elsewhere (`vllm serve ...`); no lossless check (no vanilla to compare)."""
+    model = served_model(base_url)
+    result: dict[str, Any] = dict(name=f"server {base_url}", kind="server", speculative_config=None, model=model)
+    try:
+        result["levels"] = [
+            asyncio.run(run_level(base_url, settings, prompts, c, max(num_requests, c), request_rate, model))
+            for c in levels
+        ]
+        result["status"] = "ok"
+    except Exception as e:
+        traceback.print_exc()
+        result.update(status="failed", error=f"{type(e).__name__}: {e}")
+    return result
+
+
 def judge(results: list[dict[str, Any]], greedy: bool) -> list[str]:
     """Speedup over vanilla per level and the lossless check; returns one line per failure."""
-    vanilla = results[0]
+    vanilla = results[0] if results and results[0]["kind"] == "vanilla" else {}
     problems = []
     for r in results:
         if r["status"] != "ok":
@@ -162,7 +227,7 @@ def judge(results: list[dict[str, Any]], greedy: bool) -> list[str]:
 
 HEADERS = [
     "method", "concurrency", "tokens/s", "speedup", "req/s", "latency p50 s", "latency p99 s", "TTFT p50 s",
-    "TPOT p50 ms", "accept len", "lossless",
+    "TPOT p50 ms", "tokens/step", "accept len (vLLM)", "lossless",
 ]  # fmt: skip
 
 
@@ -184,6 +249,7 @@ def rows(results: list[dict[str, Any]]) -> list[list[str]]:
                 fmt(level["latency_s"]["p99"], ".3f"),
                 fmt(level["ttft_s"]["p50"], ".3f"),
                 fmt(level["tpot_ms"]["p50"], ".2f"),
+                fmt(level["tokens_per_step"]),
                 fmt(level["mean_acceptance_length"]),
                 {True: "yes", False: "NO", None: "n/a"}[level["lossless"]],
             ])  # fmt: skip
@@ -198,20 +264,30 @@ def run_serve(args: Namespace, methods: list[Method], settings: Settings, prompt
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     levels = sorted(set(args.concurrency))
-    results = []
-    for method in methods:
-        print(f"\n=== {method.name}: {method.speculative_config or 'no speculation'}", flush=True)
-        results.append(serve_method(method, settings, prompts, levels, args.requests, out_dir))
-    problems = judge(results, settings.greedy)
+    if args.base_url:
+        results = [serve_running(args.base_url, settings, prompts, levels, args.requests, args.request_rate)]
+    else:
+        results = []
+        for method in methods:
+            print(f"\n=== {method.name}: {method.speculative_config or 'no speculation'}", flush=True)
+            results.append(serve_method(method, settings, prompts, levels, args.requests, out_dir, args.request_rate))
+    problems = judge(results, settings.greedy and not args.base_url)
 
-    title = describe(settings, prompts, batch=False) + f", served, {args.requests} requests/level"
+    rate = "" if math.isinf(args.request_rate) else f", {args.request_rate:g} req/s (Poisson)"
+    title = describe(settings, prompts, batch=False) + f", served, {args.requests} requests/level{rate}"
     print(f"\n{title}\n")
     print(table(HEADERS, rows(results)))
     for r in results:
         for level in r.get("levels", []):
             level.pop("outputs")
     body = dict(
-        settings=settings.to_json(), prompts=prompts.source, concurrency=levels, requests=args.requests, methods=results
+        settings=settings.to_json(),
+        prompts=prompts.source,
+        concurrency=levels,
+        requests=args.requests,
+        request_rate=None if math.isinf(args.request_rate) else args.request_rate,
+        base_url=args.base_url,
+        methods=results,
     )
     table_md = markdown_table(HEADERS, rows(results))
     charts = partial(serve_charts, results, title, out_dir)

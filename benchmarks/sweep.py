@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .compare import HEADERS as COMPARE_HEADERS
 from .compare import failures, run_all
 from .compare import rows as compare_rows
 from .inputs import Method, Prompts, Settings
@@ -53,9 +54,7 @@ def best(results: list[dict[str, Any]], entries: list[Method]) -> dict[str, dict
     return out
 
 
-HEADERS = [
-    "point", "tokens/s", "speedup", "accept rate", "accept len", "proposer ms/step", "proposer share", "lossless",
-]  # fmt: skip
+HEADERS = ["point", *COMPARE_HEADERS[1:]]
 
 
 def rows(results: list[dict[str, Any]]) -> list[list[str]]:
@@ -70,7 +69,7 @@ def run_sweep(args: Namespace, methods: list[Method], settings: Settings, prompt
     out_dir = Path(args.out)
     points = grid(methods, args.k, args.top_k, args.min_support)
     print(f"sweep: {len(points)} runs", flush=True)
-    results = run_all(points, settings, prompts)
+    results = run_all(points, settings, prompts, args.repeats)
     title = (
         f"{Path(settings.model).name}, {prompts.source['prompts']} prompts of "
         f"{Path(prompts.source['dataset']).name}, {settings.max_tokens} tokens, batch {settings.batch_size}, "
@@ -86,7 +85,7 @@ def run_sweep(args: Namespace, methods: list[Method], settings: Settings, prompt
         grid=dict(k=args.k, top_k=args.top_k, min_support=args.min_support),
         prompts=prompts.source,
         best=chosen,
-        points=[{k: v for k, v in r.items() if k != "outputs"} for r in results],
+        points=[{k: v for k, v in r.items() if k not in ("outputs", "run_outputs")} for r in results],
     )
     table_md = markdown_table(HEADERS, rows(results))
     charts = partial(sweep_chart, results, title, out_dir)

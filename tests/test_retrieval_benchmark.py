@@ -11,7 +11,7 @@ from benchmarks import retrieval
 def test_tiny_benchmark_writes_its_report(tmp_path, capsys):
     threads = faiss.omp_get_max_threads(), torch.get_num_threads()
     out = tmp_path / "retrieval.json"
-    argv = ["--num-keys", "1500", "--batch-sizes", "1", "3", "--factory", "IVF8,Flat", "--nprobe", "2", "8"]
+    argv = ["--num-keys", "1500", "--batch-sizes", "1,3", "--factory", "IVF8,Flat", "--nprobe", "2,8"]
     argv += ["--hidden-size", "64", "--pca-dim", "16", "--queries", "40", "--iters", "4", "--warmup", "1"]
     argv += ["--work-dir", str(tmp_path), "--out", str(out)]
     assert retrieval.main(argv) == 0
