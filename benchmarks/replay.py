@@ -45,6 +45,8 @@ class Trajectory:
     states: torch.Tensor  # float32 [len(tokens) - 1, H]
 
 
+RECORD_BATCH = 16
+
 # A proposer step: (req_ids, sampled_token_ids, num_tokens, token_ids, verified states, max_len) -> drafts.
 Step = Callable[[list[str], list[list[int]], np.ndarray, np.ndarray, torch.Tensor, np.ndarray], list[list[int]]]
 
@@ -81,7 +83,8 @@ def _record(prompts: list[Sequence[int]], max_tokens: list[int], settings: Setti
     from build_tools.embed import EmbedWorker, close_llm
 
     k = settings.num_speculative_tokens
-    llm = LLM(model=settings.model, **engine_kwargs(settings, max_num_seqs=max(1, settings.batch_size)))
+    # Greedy trajectories are recorded in batches: replay steps each request alone afterwards anyway.
+    llm = LLM(model=settings.model, **engine_kwargs(settings, max_num_seqs=max(RECORD_BATCH, settings.batch_size)))
     try:
         stops = _stop_ids(llm)
         params = [SamplingParams(temperature=0.0, max_tokens=m + k, ignore_eos=True) for m in max_tokens]
