@@ -10,7 +10,7 @@ The draft of SmolLM2 (the default model) is distilled from SmolLM2 itself: it is
 corpus, SmolLM2's own greedy answers (sequence-level distillation), on SmolLM2's tokenizer with tied
 embeddings initialised from SmolLM2's, projected onto their top principal directions:
 
-    python -m build_tools.embedded.train --preset smollm2-draft          # ~30 min, 1 thread
+    python -m build_tools.embedded.train --preset smollm2-draft          # ~26 min, 1 thread
 
 Each example is the chat-formatted pair `<|user|>\\n{instruction}</s>\\n<|assistant|>\\n{response}</s>`
 and the loss covers the response and its closing EOS only: the model is only ever asked to write
@@ -45,11 +45,11 @@ from dresd_vllm.assets import (
 REPO = Path(__file__).resolve().parents[2]
 # Sizes and epochs: the target fills ~40 minutes of one core, the draft ~10 (tok/s measured here).
 # smollm2-draft: hidden 192 keeps the tied 49,152 x 192 embedding (most of the model) at 18 MB in fp16;
-# its epochs fill ~30 minutes of one core on the shipped ID corpus.
+# its 2 epochs (118 steps) took 26 minutes of one heavily shared core on the shipped 600-prompt ID corpus.
 PRESETS = {
     "target": dict(out=TINY_MODEL, hidden=256, layers=4, heads=4, intermediate=688, epochs=4.5),
     "draft": dict(out=TINY_DRAFT_MODEL, hidden=128, layers=2, heads=4, intermediate=344, epochs=2.5),
-    "smollm2-draft": dict(out=DEFAULT_DRAFT_MODEL, hidden=192, layers=4, heads=3, intermediate=512, epochs=4.0),
+    "smollm2-draft": dict(out=DEFAULT_DRAFT_MODEL, hidden=192, layers=4, heads=3, intermediate=512, epochs=2.0),
 }
 # Smaller batches for the small ID corpus (~100k tokens an epoch), so it still takes a few hundred steps.
 TRAINING = {"smollm2-draft": dict(batch_tokens=2048, warmup=20, eval_every=25)}
