@@ -102,8 +102,8 @@ class DresdConfig(_Options):
     adapt: bool = True
     """Calibrate the acceptance estimates from what vLLM accepted of each draft."""
     token_cost: float | None = None
-    """Step time one more verified token per request adds, as a share of the step; None: 0.04 on a CPU,
-    0.004 x batch size on a GPU."""
+    """Step time one more verified token per request adds, as a share of the step; None: 0.04 (CPU) or
+    0.004 (GPU) x batch size, at most 1."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -38,10 +38,9 @@ BUCKETS = 4
 PRIOR_WEIGHT = 8.0
 # The running mean of tokens per request and step adapts with this rate.
 TOKENS_PER_STEP_RATE = 0.02
-# What one verified draft token per request adds to a step's time, as a share of the step, when the
-# user gives no token_cost: measured on this project's CPU machine (+50% for 10 tokens at batch 1 on
-# the tiny model, +20% for 5.5 on SmolLM2), and for a memory-bound GPU step at batch 1, growing with
-# the batch until the step is compute-bound.
+# What one verified draft token per request adds to a step's time, as a share of the step, at batch 1
+# when the user gives no token_cost: measured on this project's CPU machine (+50% for 10 tokens on the
+# tiny model, +20% for 5.5 on SmolLM2), and a guess for a memory-bound GPU step. Scaled by the batch.
 CPU_TOKEN_COST = 0.04
 GPU_TOKEN_COST = 0.004
 
@@ -159,9 +158,10 @@ class Drafter:
         """Share of a step that one more verified token per request costs, at this batch size."""
         if self.config.token_cost is not None:
             return self.config.token_cost
-        if self.device_type == "cuda":
-            return min(GPU_TOKEN_COST * batch, 1.0)
-        return CPU_TOKEN_COST
+        # At batch 1 a step mostly reads weights; each request's extra token costs more as the batch fills
+        # the compute, until one more token per request costs about a step.
+        base = GPU_TOKEN_COST if self.device_type == "cuda" else CPU_TOKEN_COST
+        return min(base * batch, 1.0)
 
     def step(
         self,
