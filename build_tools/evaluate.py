@@ -32,15 +32,17 @@ def held_out_queries(args: Namespace, ds: Datastore) -> np.ndarray:
     """Projected states at `args.queries` random positions of `args.dataset`, embedded with vLLM."""
     m = ds.manifest
     model = args.model or m.model
-    tokenizer = load_tokenizer(model)
-    info = model_info(model)
+    tokenizer = load_tokenizer(model, **args.hf)
+    info = model_info(model, **args.hf)
     ds.check_model(
         hidden_size=info.hidden_size, vocab_size=info.vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer)
     )
     template = Template(m.template, tokenizer)
     rows = load_rows(args.dataset, args.split, args.limit)
     corpus = encode_corpus(rows, template, args.prompt_key, args.response_key, args.max_length)
-    worker = EmbedWorker(model, args.max_length, args.engine_args, ds.projection)
+    # Held-out states at the dtype the keys were embedded at, unless --dtype says otherwise.
+    engine_args = {"dtype": m.dtype, **args.engine_args} if m.dtype else args.engine_args
+    worker = EmbedWorker(model, args.max_length, engine_args, ds.projection)
     try:
         result = worker({"shard": [0], "tokens": [corpus.tokens.tobytes()], "lengths": [corpus.lengths.tobytes()]})
     finally:

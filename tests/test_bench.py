@@ -53,7 +53,7 @@ def test_sweep_runs_every_point_and_picks_the_fastest(tiny_model, bench_data, ow
     run = run_bench(
         "sweep", "--model", tiny_model, "--dataset", bench_data["dataset"], "--limit", "2", "--max-tokens", "16",
         "--datastore", f"ID={own_datastore}", "--methods", "dresd,ngram", "--k", "2,4", "--top-k", "10",
-        "--min-support", "0.1,0.3", "--out", str(out),
+        "--min-support", "0.1,0.3", "--out", str(out), "--same-runner",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
@@ -62,6 +62,9 @@ def test_sweep_runs_every_point_and_picks_the_fastest(tiny_model, bench_data, ow
     dresd = {f"dresd-ID k={k} top_k=10 min_support={s}" for k in (2, 4) for s in (0.1, 0.3)}
     assert dresd | {"ngram k=2", "ngram k=4"} <= set(points)
     assert all(p["status"] == "ok" and p["lossless"] is True for p in points.values())
+    # --same-runner: every point on the V1 runner, scheduled synchronously, as custom_class methods must be.
+    assert {(p["model_runner"], p["async_scheduling"]) for p in points.values()} == {("V1", False)}
+    assert report["settings"]["engine_args"]["async_scheduling"] is False
     best = report["best"]["dresd-ID"]
     assert best["point"] in dresd and best["top_k"] == 10 and best["min_support"] in (0.1, 0.3)
     assert points[best["point"]]["tokens_per_s"] == max(points[name]["tokens_per_s"] for name in dresd)

@@ -54,9 +54,14 @@ def test_bad_generate_input_is_refused_before_anything_is_written(tiny_model, bu
 
 def test_generated_file_feeds_the_datastore_directly(tiny_model, generated, tmp_path):
     out, _, _ = generated
-    args = build_args(tiny_model, out, tmp_path / "id-ds", "--response-key", "output", "--pca-sample", "500")
+    # No --response-key: the datastore reads the one generate recorded, so it holds the model's answers.
+    args = build_args(tiny_model, out, tmp_path / "id-ds", "--pca-sample", "500")
     with in_process_vllm():
         summary = run_datastore(parse_args(args))
     ds = Datastore.load(tmp_path / "id-ds")
     assert ds.manifest.num_keys == summary["tokens"] and summary["sequences"] + summary["skipped_empty"] == 10
     assert ds.manifest.build["request"]["response_key"] == "output"
+    # The numerics the keys were made at, for the serving side to check; start-up timed on its own.
+    assert ds.manifest.dtype == "float32" and ds.manifest.build["numerics"]["dtype"] == "float32"
+    assert {"vllm", "torch", "device"} <= set(ds.manifest.build["numerics"])
+    assert summary["stage_s"]["engine_start"] > 0 and summary["stage_s"]["fit"] >= 0
