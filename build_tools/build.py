@@ -261,6 +261,9 @@ def embed_stage(
                 runner.startup_s["embed"] = first_result(bar, "embed", result["seconds"])
             keys = np.frombuffer(result["data"], dtype=np.float16).reshape(-1, args.pca_dim)
             _save_atomic(shard_path(result["shard"]), _npy_saver(keys))
+            # Index work made from an earlier version of this shard is stale now.
+            (work / "index" / f"{result['shard']:05d}.faiss").unlink(missing_ok=True)
+            (work / "trained.faiss").unlink(missing_ok=True)
             bar.update(result["positions"])
     return [shard_path(t["shard"]) for t in tasks], todo
 
