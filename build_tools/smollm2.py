@@ -110,10 +110,10 @@ def convert(out: Path, dtype: str = DTYPE) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(DEFAULT_MODEL), help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path(DEFAULT_MODEL), help="checkpoint (default: %(default)s)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=DTYPE, help="stored weights (%(default)s)")
     parser.add_argument("--force", action="store_true", help="convert again even if the checkpoint is whole")
-    parser.add_argument("--check", action="store_true", help="only verify the checkpoint (full sha256), exit 1 if not whole")
+    parser.add_argument("--check", action="store_true", help="only verify the checkpoint (full sha256); exit 1 if bad")
     args = parser.parse_args(argv)
     if args.check or not args.force:
         try:
