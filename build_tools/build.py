@@ -22,7 +22,6 @@ mix its work with the old (or discards it with --overwrite). OUT only ever appea
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from argparse import Namespace
@@ -45,6 +44,7 @@ from build_tools.embed import (
 )
 from build_tools.index_shards import IndexWorker, index_task
 from build_tools.ray_jobs import ShardRunner
+from dresd_vllm.atomic import write_atomic
 from dresd_vllm.datastore import (
     INDEX,
     MANIFEST,
@@ -79,13 +79,6 @@ MODEL_FIELDS = ("model", "hidden_size", "vocab_size", "tokenizer_fingerprint")
 def work_dir(out: Path) -> Path:
     """Where the stages of a build of `out` keep their results until the datastore is written."""
     return out.with_name(out.name + ".partial")
-
-
-def _save_atomic(path: Path, save: Any) -> None:
-    """Write through `save(tmp_path)` then rename, so a file is either absent or complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save(tmp)
-    os.replace(tmp, path)
 
 
 def _npy_saver(array: np.ndarray) -> Any:
@@ -172,7 +165,7 @@ def open_work(work: Path, plan: dict[str, Any], overwrite: bool) -> None:
     if work.exists():
         shutil.rmtree(work)
     (work / "shards").mkdir(parents=True)
-    _save_atomic(plan_file, lambda tmp: tmp.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n"))
+    write_atomic(plan_file, lambda tmp: tmp.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n"))
 
 
 def read_corpus(args: Namespace, tokenizer: Any) -> Corpus:
@@ -228,7 +221,7 @@ def fit_stage(args: Namespace, corpus: Corpus, runner: ShardRunner, work: Path) 
         projection = Projection.fit(states, dim=args.pca_dim, sample_size=args.pca_sample, seed=args.seed)
     except ValueError as e:
         raise InputError(f"cannot fit the projection on {len(states)} states: {e}") from e
-    _save_atomic(path, projection.save)
+    write_atomic(path, projection.save)
     return projection
 
 
@@ -260,7 +253,7 @@ def embed_stage(
             if "embed" not in runner.startup_s:
                 runner.startup_s["embed"] = first_result(bar, "embed", result["seconds"])
             keys = np.frombuffer(result["data"], dtype=np.float16).reshape(-1, args.pca_dim)
-            _save_atomic(shard_path(result["shard"]), _npy_saver(keys))
+            write_atomic(shard_path(result["shard"]), _npy_saver(keys))
             # Index work made from an earlier version of this shard is stale now.
             (work / "index" / f"{result['shard']:05d}.faiss").unlink(missing_ok=True)
             (work / "trained.faiss").unlink(missing_ok=True)
@@ -297,7 +290,7 @@ def index_stage(args: Namespace, shards: list[Path], work: Path, base: faiss.Ind
                 with tqdm(total=len(rows), desc="index: train", unit="key", unit_scale=True) as bar:
                     train_index(index, _train_sample(shards, sizes, rows), args.seed)
                     bar.update(len(rows))
-            _save_atomic(trained_path, lambda tmp: faiss.write_index(index, str(tmp)))
+            write_atomic(trained_path, lambda tmp: faiss.write_index(index, str(tmp)))
     else:
         index = base
     if not mergeable(index):
@@ -326,7 +319,7 @@ def index_stage(args: Namespace, shards: list[Path], work: Path, base: faiss.Ind
         with tqdm(total=int(sizes.sum()), initial=done, desc="index: encode", unit="key", unit_scale=True) as bar:
             for result in runner.run(pending):
                 data = np.frombuffer(result["data"], dtype=np.uint8)
-                _save_atomic(out_dir / f"{result['shard']:05d}.faiss", lambda tmp, d=data: d.tofile(tmp))
+                write_atomic(out_dir / f"{result['shard']:05d}.faiss", lambda tmp, d=data: d.tofile(tmp))
                 bar.update(result["positions"])
     finally:
         runner.close()

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from build_tools.data import InputError, Template, get_text, load_rows
 from build_tools.embed import check_length, close_llm, load_tokenizer, make_llm, task_sequences, unbatch
 from build_tools.ray_jobs import ShardRunner
+from dresd_vllm.atomic import write_atomic
 
 
 class GenerateWorker:
@@ -206,9 +207,7 @@ def run_generate(args: Namespace) -> dict[str, Any]:
                     json.dumps({**rows[i], args.response_key: t}, ensure_ascii=False, default=str) + "\n"
                     for i, t in zip(range(a, b), texts, strict=True)
                 )
-                tmp = part_path(a, b).with_suffix(".tmp")
-                tmp.write_text(lines, encoding="utf-8")
-                os.replace(tmp, part_path(a, b))
+                write_atomic(part_path(a, b), lambda tmp, text=lines: tmp.write_text(text, encoding="utf-8"))
                 waiting[a] = b
                 flush()
                 generated += result["generated"]

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import faiss
 import numpy as np
 import torch
 
+from dresd_vllm.atomic import fsync_dir, fsync_file, remove_stale_temps, replace_dir, sibling
 from dresd_vllm.index import SearchIndex, _ivf_of, add_keys, auto_factory, build_index
 from dresd_vllm.projection import Projection
 
@@ -153,19 +153,6 @@ def token_store_from_sequences(
     return tokens, key_starts + within
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_target(path: Path) -> None:
     """Only an absent path, an empty directory or an existing datastore may be (re)placed."""
     if not path.exists():
@@ -219,8 +206,8 @@ def write_datastore(
         ivf.nprobe = manifest.nprobe
 
     start = time.perf_counter()
-    _remove_stale_temps(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(path)
+    tmp = sibling(path)
     tmp.mkdir(parents=True)
     try:
         projection.save(tmp / PROJECTION)
@@ -228,7 +215,7 @@ def write_datastore(
         np.save(tmp / TOKENS, tokens)
         np.save(tmp / OFFSETS, offsets)
         for name in (PROJECTION, INDEX, TOKENS, OFFSETS):
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
         build["write_s"] = round(time.perf_counter() - start, 3)
         manifest = dataclasses.replace(
             manifest,
@@ -239,10 +226,10 @@ def write_datastore(
             build=build,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
-        _fsync_file(tmp / MANIFEST)
+        fsync_file(tmp / MANIFEST)
         _make_readable(tmp)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, path)
+        fsync_dir(tmp)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -301,31 +288,6 @@ def append_datastore(
     )
 
 
-def _remove_stale_temps(path: Path) -> None:
-    """Remove what killed writes of ``path`` left behind: hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` siblings.
-
-    Their names carry the writer's process id; one whose process still runs is another write in
-    progress and is left alone.
-    """
-    if not path.parent.is_dir():
-        return
-    for kind in ("tmp", "old"):
-        for stale in path.parent.glob(f".{path.name}.{kind}-*"):
-            pid = stale.name.removeprefix(f".{path.name}.{kind}-").split("-")[0]
-            if stale.is_dir() and not (pid.isdigit() and _process_alive(int(pid))):
-                shutil.rmtree(stale, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _make_readable(directory: Path) -> None:
     """Files 0666 and directories 0777 less the umask (0644 / 0755 as usual), like any build output.
 
@@ -336,18 +298,6 @@ def _make_readable(directory: Path) -> None:
     os.umask(umask)
     for item in [directory, *directory.rglob("*")]:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    old = None
-    if path.exists():
-        # rename() cannot replace a non-empty directory, so the old store steps aside first.
-        old = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(path, old)
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _validated_token_store(

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dresd_vllm.atomic import write_atomic
+
 FORMAT = "dresd-rest-v1"
 SEPARATOR = -1  # between sequences: no match or continuation crosses a sequence boundary
 
@@ -39,18 +41,18 @@ def suffix_array(tokens: np.ndarray) -> np.ndarray:
 
 
 def write_rest_datastore(path: str | os.PathLike, sequences: Sequence[Sequence[int]], metadata: dict) -> Path:
-    """Write sequences and their suffix array to one `.npz` file, atomically (temp file, then rename)."""
+    """Write sequences and their suffix array to one `.npz` file, atomically (see :mod:`dresd_vllm.atomic`)."""
     path = Path(path)
     parts = [np.append(np.asarray(seq, dtype=np.int32), np.int32(SEPARATOR)) for seq in sequences]
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     header = json.dumps({"format": FORMAT, "num_tokens": len(tokens), **metadata})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, tokens=tokens, suffix_array=suffix_array(tokens), header=np.array(header))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    order = suffix_array(tokens)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, tokens=tokens, suffix_array=order, header=np.array(header))
+
+    return write_atomic(path, save)
 
 
 def spread_sample(matches: np.ndarray, max_matches: int) -> np.ndarray:
