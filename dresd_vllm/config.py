@@ -201,14 +201,14 @@ def split_speculative_config(
     vllm_keys = set(SpeculativeConfig.__dataclass_fields__) - {"method", "model"}
     spec = {k.replace("-", "_"): v for k, v in speculative_config.items() if k != "method"}
     ours = {k: spec.pop(k) for k in list(spec) if k in ours_keys}
+    if "model" in spec:
+        raise ValueError(f"method {method!r} takes no 'model': it drafts by retrieval, not with a draft model")
     unknown = sorted(set(spec) - vllm_keys)
     if unknown:
         raise ValueError(
             f"unknown key(s) {unknown} in --speculative-config for method {method!r}; "
             f"{method} keys: {sorted(ours_keys)}; vLLM keys such as 'num_speculative_tokens' are accepted too"
         )
-    if "model" in spec:
-        raise ValueError(f"method {method!r} takes no 'model': it drafts by retrieval, not with a draft model")
     options_class.from_dict(ours).check_speculative(spec)
     extra = dict(additional_config or {})
     extra[method] = ours
