@@ -56,12 +56,12 @@ class Scorer:
         self.trials = np.zeros(self.prior.shape)
         self.accepted = np.zeros(self.prior.shape)
 
-    def cells(self, source: int, conditional: np.ndarray, bucket: np.ndarray) -> np.ndarray:
-        """Flat cell index ``[B, W]`` of each position: (source, bucket [B], depth, feature bin)."""
+    def cells(self, source: int | np.ndarray, conditional: np.ndarray, bucket: np.ndarray) -> np.ndarray:
+        """Flat cell index ``[B, W]`` of each position: (source (one, or one per row), bucket [B], depth, bin)."""
         width = conditional.shape[1]
         depth = np.minimum(np.arange(width), DEPTHS - 1)
         bins = np.clip((conditional * BINS).astype(np.int64), 0, BINS - 1)
-        return ((source * BUCKETS + bucket[:, None]) * DEPTHS + depth) * BINS + bins
+        return ((source * BUCKETS + bucket)[:, None] * DEPTHS + depth) * BINS + bins
 
     def probability(self, cells: np.ndarray) -> np.ndarray:
         """P(accepted | the position before was) of each cell."""
@@ -190,7 +190,7 @@ class Drafter:
         keys = self.datastore.projection(verified) if verified.shape[0] else None
         self.retriever.stats.projection_s += time.perf_counter() - start
 
-        sources: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (source, tokens, conditional, bucket)
+        sources: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (source, tokens, cumulative, bucket)
         dense_width = min(width, self.datastore.n_next)
         if keys is not None and dense_width > 0:
             ends = np.cumsum(counts) - 1
@@ -206,9 +206,7 @@ class Drafter:
             keep = np.arange(dense_width) < own[:, None]
             tokens[:, :dense_width] = np.where(keep, dense.tokens, -1)
             support[:, :dense_width] = np.where(keep, dense.support, 0.0)
-            sources.append(
-                (DENSE, tokens, conditional(support), np.searchsorted(DENSE_BUCKETS, dense.survivors, "right"))
-            )
+            sources.append((DENSE, tokens, support, np.searchsorted(DENSE_BUCKETS, dense.survivors, "right")))
         if self.online is not None and keys is not None:
             owners = np.repeat(np.asarray(req_ids, dtype=object), counts)
             positions = np.repeat(num_tokens[:batch] - counts, counts) + _ranks(counts)
@@ -219,30 +217,33 @@ class Drafter:
             found = self.context.candidates(req_ids, sampled_token_ids, num_tokens, token_ids, width)
             self.stats.context_s += time.perf_counter() - start
             bucket = np.searchsorted(CONTEXT_BUCKETS, found.match_len, "right")
-            sources.append((CONTEXT, found.tokens, conditional(found.probs), bucket))
+            sources.append((CONTEXT, found.tokens, found.probs, bucket))
         if not sources or width <= 0:
             return [[] for _ in range(batch)]
 
+        # Every source's chains are scored in one pass: row s * batch + i is source s's chain of request i.
         start = time.perf_counter()
         threshold = self.token_cost(batch) * self.tokens_per_step if self.length_control else 0.0
-        gains, lengths, cells = [], [], []
-        for source, tokens, cond, bucket in sources:
-            cell = self.scorer.cells(source, cond, bucket)
-            present = tokens >= 0
-            reach = np.cumprod(np.where(present, self.scorer.probability(cell), 0.0), axis=1)
-            n = np.minimum(cut(reach, threshold) if self.length_control else present.sum(axis=1), max_len)
-            gains.append(gain(reach, n, threshold))
-            lengths.append(n)
-            cells.append(cell)
-        chosen = pick(np.stack(gains)) if len(sources) > 1 else np.zeros(batch, dtype=np.int64)
+        kinds = [source for source, *_ in sources]
+        tokens = np.concatenate([t for _, t, _, _ in sources])
+        cells = self.scorer.cells(
+            np.repeat(kinds, batch),
+            conditional(np.concatenate([c for _, _, c, _ in sources])),
+            np.concatenate([b for *_, b in sources]),
+        )
+        present = tokens >= 0
+        reach = np.cumprod(np.where(present, self.scorer.probability(cells), 0.0), axis=1)
+        caps = np.tile(max_len, len(sources))
+        lengths = np.minimum(cut(reach, threshold) if self.length_control else present.sum(axis=1), caps)
+        gains = gain(reach, lengths, threshold).reshape(len(sources), batch)
+        rows = pick(gains) * batch + np.arange(batch) if len(sources) > 1 else np.arange(batch)
         drafts = []
-        for i in range(batch):
-            s = int(chosen[i])
-            n = int(lengths[s][i])
-            drafts.append(sources[s][1][i, :n].tolist())
+        for i, row in enumerate(rows.tolist()):
+            n = int(lengths[row])
+            drafts.append(tokens[row, :n].tolist())
             if n:
-                self._drafted[req_ids[i]] = cells[s][i, :n]
-                if sources[s][0] == DENSE:
+                self._drafted[req_ids[i]] = cells[row, :n]
+                if kinds[row // batch] == DENSE:
                     self.stats.picked_dense += 1
                     self.stats.dense_tokens += n
                 else:
