@@ -147,21 +147,27 @@ class Retriever:
         keep = self.datastore.first_tokens(ids) == last_tokens[:, None]
         stats.hits += int((ids >= 0).sum())
         stats.survivors += int(keep.sum())
-        # The best max_candidates survivors per request in score order, padded with invalid slots.
-        order = np.argsort(~keep, axis=1, kind="stable")[:, : self.max_candidates]
-        valid = np.take_along_axis(keep, order, axis=1)
-        cand_scores = np.where(valid, np.take_along_axis(scores, order, axis=1), -np.inf)
-        values = self.datastore.continuations(np.where(valid, np.take_along_axis(ids, order, axis=1), -1))
         if online is not None and len(online):
             o_scores, o_values = online.search(queries, self.top_k)
             o_keep = (o_values[:, :, 0] == last_tokens[:, None]) & (o_values[:, :, 1] >= 0)
             stats.online_survivors += int(o_keep.sum())
-            cand_scores = np.concatenate([cand_scores, np.where(o_keep, o_scores, -np.inf)], axis=1)
-            values = np.concatenate([values, o_values], axis=1)
-            order = np.argsort(-cand_scores, axis=1, kind="stable")[:, : self.max_candidates]
-            cand_scores = np.take_along_axis(cand_scores, order, axis=1)
-            values = np.take_along_axis(values, order[:, :, None], axis=1)
+            # Static hits come best first, so one stable sort of both lists keeps their order and gives ties
+            # to the static index; non-survivors (-inf) of the static list pad a request short of survivors.
+            pooled = np.concatenate([np.where(keep, scores, -np.inf), np.where(o_keep, o_scores, -np.inf)], axis=1)
+            order = np.argsort(-pooled, axis=1, kind="stable")[:, : self.max_candidates]
+            cand_scores = np.take_along_axis(pooled, order, axis=1)
             valid = np.isfinite(cand_scores)
+            static = order < ids.shape[1]
+            static_ids = np.take_along_axis(ids, np.where(static, order, 0), axis=1)
+            values = self.datastore.continuations(np.where(valid & static, static_ids, -1))
+            online_values = o_values[np.arange(batch)[:, None], np.where(static, 0, order - ids.shape[1])]
+            values = np.where(static[:, :, None], values, online_values)
+        else:
+            # The best max_candidates survivors per request in score order, padded with invalid slots.
+            order = np.argsort(~keep, axis=1, kind="stable")[:, : self.max_candidates]
+            valid = np.take_along_axis(keep, order, axis=1)
+            cand_scores = np.where(valid, np.take_along_axis(scores, order, axis=1), -np.inf)
+            values = self.datastore.continuations(np.where(valid, np.take_along_axis(ids, order, axis=1), -1))
         drafts = values[:, :, 1 : 1 + width]
         if self.merge == "top1":
             chains = drafts[:, 0].astype(np.int64)
