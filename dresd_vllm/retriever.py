@@ -147,6 +147,7 @@ class Retriever:
         keep = self.datastore.first_tokens(ids) == last_tokens[:, None]
         stats.hits += int((ids >= 0).sum())
         stats.survivors += int(keep.sum())
+        rows = np.arange(batch)[:, None]  # fancy-indexes [B, C] picks (take_along_axis costs more per call)
         if online is not None and len(online):
             o_scores, o_values = online.search(queries, self.top_k)
             o_keep = (o_values[:, :, 0] == last_tokens[:, None]) & (o_values[:, :, 1] >= 0)
@@ -155,19 +156,19 @@ class Retriever:
             # to the static index; non-survivors (-inf) of the static list pad a request short of survivors.
             pooled = np.concatenate([np.where(keep, scores, -np.inf), np.where(o_keep, o_scores, -np.inf)], axis=1)
             order = np.argsort(-pooled, axis=1, kind="stable")[:, : self.max_candidates]
-            cand_scores = np.take_along_axis(pooled, order, axis=1)
+            cand_scores = pooled[rows, order]
             valid = np.isfinite(cand_scores)
             static = order < ids.shape[1]
-            static_ids = np.take_along_axis(ids, np.where(static, order, 0), axis=1)
+            static_ids = ids[rows, np.where(static, order, 0)]
             values = self.datastore.continuations(np.where(valid & static, static_ids, -1))
-            online_values = o_values[np.arange(batch)[:, None], np.where(static, 0, order - ids.shape[1])]
+            online_values = o_values[rows, np.where(static, 0, order - ids.shape[1])]
             values = np.where(static[:, :, None], values, online_values)
         else:
             # The best max_candidates survivors per request in score order, padded with invalid slots.
             order = np.argsort(~keep, axis=1, kind="stable")[:, : self.max_candidates]
-            valid = np.take_along_axis(keep, order, axis=1)
-            cand_scores = np.where(valid, np.take_along_axis(scores, order, axis=1), -np.inf)
-            values = self.datastore.continuations(np.where(valid, np.take_along_axis(ids, order, axis=1), -1))
+            valid = keep[rows, order]
+            cand_scores = np.where(valid, scores[rows, order], -np.inf)
+            values = self.datastore.continuations(np.where(valid, ids[rows, order], -1))
         drafts = values[:, :, 1 : 1 + width]
         if self.merge == "top1":
             chains = drafts[:, 0].astype(np.int64)
@@ -235,8 +236,9 @@ def trie_path(drafts: np.ndarray, weights: np.ndarray, valid: np.ndarray) -> tup
     best_member = counted.argmax(axis=2)  # [B, C, W]: best-ranked valid candidate in a's branch
     common = shared.sum(axis=3)  # [B, C, C]: length of a's and c's common prefix
     depth = np.minimum(common, width - 1)
-    w_a = np.take_along_axis(branch_weight, depth, axis=2)  # weight of a's branch where a and c split
-    m_a = np.take_along_axis(best_member, depth, axis=2)
+    b, a = np.arange(batch)[:, None, None], np.arange(drafts.shape[1])[None, :, None]
+    w_a = branch_weight[b, a, depth]  # weight of a's branch where a and c split
+    m_a = best_member[b, a, depth]
     w_c, m_c = w_a.transpose(0, 2, 1), m_a.transpose(0, 2, 1)
     wins = (w_a > w_c) | ((w_a == w_c) & (m_a <= m_c)) | (common == width) | ~valid[:, None, :]
     on_path = wins.all(axis=2) & valid
