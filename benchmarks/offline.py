@@ -140,22 +140,30 @@ def _params(settings: Settings, n: int, max_tokens: int) -> list:
 
 
 def _time_proposer(worker) -> None:
-    """Runs in the worker: wrap this runner's `propose_draft_token_ids` with counters and a clock.
+    """Runs in the worker: wrap this runner's `propose_draft_token_ids` with counters and a clock, and
+    count the request steps (requests scheduled, summed over steps) in `execute_model`.
 
-    It runs once per engine step; the requests scheduled in that step are the request steps that
-    tokens per step divides by (vLLM's accepted-token counter also counts tokens that max_tokens cut).
+    The request steps are what tokens per step divides by (vLLM's accepted-token counter also counts
+    tokens that max_tokens cut). They are counted in `execute_model`, which runs every step, not in
+    the drafter: vLLM skips the drafter in a step whose longest sequence + k exceeds max_model_len
+    (`_input_fits_in_drafter`) and schedules k placeholder (zero) draft tokens for the next step
+    instead, which its spec-decode counters count as a draft.
     """
     import torch
 
     runner = worker.model_runner
     propose = runner.propose_draft_token_ids
+    execute = runner.execute_model
     runner.bench_proposer_timer = [0, 0.0, 0]
     # A GPU drafter returns before its kernels finish; wait for them so its time is counted, not deferred.
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
 
-    def timed(*args, **kwargs):
+    def counted(*args, **kwargs):
         scheduler_output = args[0] if args else kwargs["scheduler_output"]
         runner.bench_proposer_timer[2] += len(scheduler_output.num_scheduled_tokens)
+        return execute(*args, **kwargs)
+
+    def timed(*args, **kwargs):
         sync()
         start = time.perf_counter()
         try:
@@ -166,6 +174,7 @@ def _time_proposer(worker) -> None:
             runner.bench_proposer_timer[1] += time.perf_counter() - start
 
     runner.propose_draft_token_ids = timed
+    runner.execute_model = counted
 
 
 def _read_timer(worker) -> tuple[int, float, int]:

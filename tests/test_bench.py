@@ -48,6 +48,29 @@ def common(tiny_model: str, bench_data: dict, own_datastore: str, out: Path) -> 
     ]  # fmt: skip
 
 
+def test_per_step_figures_count_every_step_near_max_model_len(tmp_path):
+    """k = 10 against 32 tokens: the last steps of the longest request leave no room for the drafter.
+
+    vLLM then skips the drafter but still schedules (and counts) k placeholder draft tokens; the request
+    steps must count those steps too, or drafted steps pass 100% and draft tokens per step pass k.
+    """
+    from dresd_vllm.assets import TINY_DRAFT_MODEL, TINY_MODEL
+
+    out = tmp_path / "compare"
+    run = run_bench(
+        "compare", "--model", TINY_MODEL, "--draft-model", TINY_DRAFT_MODEL, "--methods", "vanilla,ngram,draft_model",
+        "--limit", "2", "--max-tokens", "32", "-k", "10", "--repeats", "1", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    for m in json.loads((out / "compare.json").read_text())["methods"][1:]:
+        assert m["status"] == "ok" and m["lossless"] is True, m["name"]
+        assert m["drafted_step_share"] <= 1 and m["draft_tokens_per_step"] <= 10, m["name"]
+        # Each output token is a step's sampled token or an accepted draft token (vLLM also counts the
+        # accepted tokens that max_tokens cut, hence >=).
+        assert m["output_tokens"] - m["accepted_tokens"] <= m["request_steps"] <= m["output_tokens"], m["name"]
+        assert m["tokens_per_step"] == pytest.approx(m["output_tokens"] / m["request_steps"]), m["name"]
+
+
 def test_sweep_runs_every_point_and_picks_the_fastest(tiny_model, bench_data, own_datastore, tmp_path):
     out = tmp_path / "sweep"
     run = run_bench(
@@ -105,6 +128,8 @@ def test_compare_runs_every_method_losslessly_in_one_run(tiny_model, bench_data,
         assert 1 <= m["tokens_per_step"] <= m["mean_acceptance_length"] + 1e-9, name
         # At batch 1 every drafted step is a step: drafts <= request steps <= output tokens.
         assert m["drafts"] <= m["request_steps"] <= m["output_tokens"], name
+        assert m["output_tokens"] - m["accepted_tokens"] <= m["request_steps"], name
+        assert m["drafted_step_share"] <= 1 and m["draft_tokens_per_step"] <= 4, name
         assert m["tokens_per_step"] == pytest.approx(m["output_tokens"] / m["request_steps"]), name
         assert m["drafted_step_share"] == pytest.approx(m["drafts"] / m["request_steps"]), name
         assert m["draft_tokens_per_step"] == pytest.approx(m["draft_tokens"] / m["request_steps"]), name
