@@ -2,6 +2,7 @@
 
 import contextlib
 import gc
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,3 +225,8 @@ def rest_datastore(tiny_model: str, plain_outputs: list, tmp_path_factory: pytes
     sequences = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in plain_outputs]
     path = tmp_path_factory.mktemp("rest") / "rest.npz"
     return str(write_rest_datastore(path, sequences, {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]

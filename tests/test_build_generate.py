@@ -1,16 +1,10 @@
 """`dresd-build generate`: every row kept with its response, resumable, and feeding `datastore` (the ID setting)."""
 
-import json
-
-from conftest import build_args, gen_args, in_process_vllm
+from conftest import build_args, gen_args, in_process_vllm, read_rows
 
 from build_tools.build import run_datastore
 from build_tools.cli import main, parse_args
 from dresd_vllm.datastore import Datastore
-
-
-def read_rows(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_every_row_keeps_its_fields_gains_a_response_and_none_is_lost_or_repeated(build_corpus, generated):

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import build_args, gen_args, in_process_vllm
-from test_build_generate import read_rows
+from conftest import build_args, gen_args, in_process_vllm, read_rows
 
 from build_tools.build import run_datastore
 from build_tools.cli import parse_args

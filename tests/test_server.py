@@ -6,6 +6,7 @@ import openai
 import pytest
 import requests
 from conftest import K, vllm_server
+from request_mix import make_mix, run_mix
 
 
 def _complete(base_url: str, model: str, prompts: list[str]) -> dict:
@@ -46,9 +47,7 @@ def test_server_with_dresd_matches_plain_server(tiny_model, prompts, own_datasto
 
 @pytest.fixture(scope="module")
 def mixed_plain(tiny_model) -> tuple[list, dict]:
-    """A short request mix (see test_soak) and the plain server's answers to its greedy requests."""
-    from test_soak import make_mix, run_mix
-
+    """A short request mix (see request_mix) and the plain server's answers to its greedy requests."""
     mix = make_mix(48, seed=1)
     greedy = [r for r in mix if r.greedy]
     with vllm_server(tiny_model) as base_url:
@@ -59,8 +58,6 @@ def mixed_plain(tiny_model) -> tuple[list, dict]:
 
 @pytest.mark.parametrize("method", ["ngram", "rest"])
 def test_greedy_in_mixed_server_batches_equals_plain_server(tiny_model, rest_datastore, mixed_plain, method):
-    from test_soak import run_mix
-
     mix, plain = mixed_plain
     config = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
     if method == "rest":
