@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 import ray
 
-from build_tools.build import _tasks
+from build_tools.build import embed_tasks
 from build_tools.data import Template, encode_corpus, load_rows
 from build_tools.embed import EmbedWorker, load_tokenizer, model_info, unbatch
 from build_tools.index_shards import IndexWorker, index_task
@@ -170,7 +170,7 @@ def main() -> None:
     tokenizer = load_tokenizer(model)
     rows = load_rows(args.dataset, limit=args.limit)
     corpus = encode_corpus(rows, Template("chat", tokenizer), args.prompt_key, args.response_key, args.max_length)
-    tasks = _tasks(corpus, np.arange(len(corpus.lengths)), args.shard_tokens)
+    tasks = embed_tasks(corpus, np.arange(len(corpus.lengths)), args.shard_tokens)
     kwargs = dict(
         model=model,
         max_length=args.max_length,

@@ -184,7 +184,7 @@ def corpus_digest(corpus: Corpus) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _tasks(corpus: Corpus, seqs: np.ndarray, shard_tokens: int) -> list[dict[str, Any]]:
+def embed_tasks(corpus: Corpus, seqs: np.ndarray, shard_tokens: int) -> list[dict[str, Any]]:
     """Shard tasks over the sequences `seqs` (indices into the corpus, ascending)."""
     starts = np.concatenate(([0], np.cumsum(corpus.lengths)))
     tasks = []
@@ -204,7 +204,7 @@ def fit_stage(args: Namespace, corpus: Corpus, runner: ShardRunner, work: Path) 
     order = rng.permutation(len(corpus.lengths))
     enough = int(np.searchsorted(np.cumsum(corpus.lengths[order]), args.pca_sample)) + 1
     chosen = np.sort(order[:enough])
-    tasks = _tasks(corpus, chosen, SAMPLE_SHARD_TOKENS)
+    tasks = embed_tasks(corpus, chosen, SAMPLE_SHARD_TOKENS)
     # Shards arrive in any order on Ray; each has its fixed rows in one preallocated array.
     rows = np.cumsum([0] + [int(np.frombuffer(t["lengths"], dtype=np.int64).sum()) for t in tasks])
     states = np.empty((rows[-1], model_info(args.model, **args.hf).hidden_size), dtype=np.float32)
@@ -231,7 +231,7 @@ def embed_stage(
     """The shard files of projected keys of every position, in key order, and how many positions this
     run embedded. Finished shards of an earlier run are kept.
     """
-    tasks = _tasks(corpus, np.arange(len(corpus.lengths)), args.shard_tokens)
+    tasks = embed_tasks(corpus, np.arange(len(corpus.lengths)), args.shard_tokens)
     sizes = {t["shard"]: int(np.frombuffer(t["lengths"], dtype=np.int64).sum()) for t in tasks}
 
     def shard_path(shard: int) -> Path:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dresd_vllm.atomic import fsync_dir, fsync_file, remove_stale_temps, replace_dir, sibling
-from dresd_vllm.index import SearchIndex, _ivf_of, add_keys, auto_factory, build_index
+from dresd_vllm.index import SearchIndex, add_keys, auto_factory, build_index, ivf_of
 from dresd_vllm.projection import Projection
 
 FORMAT_VERSION = 1
@@ -201,7 +201,7 @@ def write_datastore(
         factory = auto_factory(len(offsets)) if factory == "auto" else factory
         build["index_build_s"] = round(time.perf_counter() - start, 3)
     _check_parts(manifest, projection, index, len(offsets))
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     if ivf is not None and manifest.nprobe is not None:
         ivf.nprobe = manifest.nprobe
 

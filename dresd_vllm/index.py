@@ -55,7 +55,7 @@ def auto_factory(num_keys: int) -> str:
 
 def default_nprobe(index: faiss.Index) -> int | None:
     """The nprobe the build stores with an IVF index; None for other indexes (see :func:`nprobe_for`)."""
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     return None if ivf is None else nprobe_for(ivf.nlist, ivf.ntotal)
 
 
@@ -71,7 +71,8 @@ def nprobe_for(nlist: int, num_keys: int) -> int:
     return min(nlist, max(16, round(SCAN_KEYS / per_list)))
 
 
-def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF index that ``index`` is or wraps (e.g. under a pre-transform), or None."""
     return faiss.try_extract_index_ivf(index)
 
 
@@ -83,7 +84,7 @@ def new_index(dim: int, factory: str) -> faiss.Index:
         raise ValueError(f"invalid FAISS factory string {factory!r}: {e}") from e
     # The factory turns polysemous training on for PQ; it costs minutes of training and helps
     # only Hamming-filtered search, which nothing here uses.
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     inner = faiss.downcast_index(ivf if ivf is not None else index)
     if hasattr(inner, "do_polysemous_training"):
         inner.do_polysemous_training = False
@@ -98,7 +99,7 @@ def train_rows(num_keys: int, index: faiss.Index, seed: int = 0) -> np.ndarray:
     """
     if index.is_trained:
         return np.empty(0, dtype=np.int64)
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     max_train = _TRAIN_PER_CENTROID * ivf.nlist if ivf is not None else 256 * 256
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(num_keys, size=min(num_keys, max_train), replace=False))
@@ -106,7 +107,7 @@ def train_rows(num_keys: int, index: faiss.Index, seed: int = 0) -> np.ndarray:
 
 def train_index(index: faiss.Index, sample: np.ndarray, seed: int = 0) -> None:
     """Train ``index`` on the keys ``sample`` (the rows :func:`train_rows` chose), in place."""
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     if ivf is not None:
         ivf.cp.seed = seed
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -118,7 +119,7 @@ def add_keys(index: faiss.Index, keys: np.ndarray, first_id: int) -> None:
     Only IVF indexes store ids; the others number keys by position, so ``first_id`` must
     then be ``index.ntotal``.
     """
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     if ivf is None and first_id != index.ntotal:
         raise ValueError(f"a {type(index).__name__} index numbers keys by position: first_id must be {index.ntotal}")
     for start in range(0, len(keys), _ADD_CHUNK):
@@ -131,7 +132,7 @@ def add_keys(index: faiss.Index, keys: np.ndarray, first_id: int) -> None:
 
 def set_search_defaults(index: faiss.Index) -> None:
     """Store working nprobe / efSearch in the index (FAISS writes them into the index file)."""
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     if ivf is not None:
         ivf.nprobe = default_nprobe(index)
     hnsw = faiss.downcast_index(index)
@@ -163,7 +164,7 @@ def mergeable(index: faiss.Index) -> bool:
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
         inner = faiss.downcast_index(inner.index)
-    return _ivf_of(index) is not None or isinstance(inner, faiss.IndexFlatCodes)
+    return ivf_of(index) is not None or isinstance(inner, faiss.IndexFlatCodes)
 
 
 def empty_copy(index: faiss.Index) -> faiss.Index:
@@ -186,7 +187,7 @@ def encode_shard(trained: faiss.Index, keys: np.ndarray, first_id: int) -> faiss
     anywhere and merged in order (:func:`merge_shard`) equal one index filled in order.
     """
     shard = _as_read(trained)
-    add_keys(shard, keys, first_id if _ivf_of(shard) is not None else 0)
+    add_keys(shard, keys, first_id if ivf_of(shard) is not None else 0)
     return shard
 
 
@@ -206,7 +207,7 @@ def auto_backend(index: faiss.Index, device: torch.device) -> str:
     """
     if device.type != "cuda":
         return "faiss"
-    return "torch-ivf" if _ivf_of(index) is not None else "torch"
+    return "torch-ivf" if ivf_of(index) is not None else "torch"
 
 
 def _faiss_gpu_available() -> bool:
@@ -237,7 +238,7 @@ class SearchIndex:
         if backend not in BACKENDS:
             raise ValueError(f"unknown search backend {backend!r}, expected one of {BACKENDS}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        ivf = _ivf_of(index)
+        ivf = ivf_of(index)
         if backend == "auto":
             backend = auto_backend(index, self.device)
         if backend == "faiss-gpu" and not _faiss_gpu_available():
@@ -335,7 +336,7 @@ def _reconstruct_all(index: faiss.Index, device: torch.device) -> torch.Tensor:
 
     Approximate indexes (PQ) give back their decoded, approximate keys.
     """
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     if ivf is not None:
         ivf.make_direct_map()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -359,7 +360,7 @@ class TorchIVF:
 
     def __init__(self, index: faiss.Index, device: torch.device, nprobe: int):
         """Copy what search needs out of the FAISS ``index`` onto ``device``."""
-        ivf = _ivf_of(index)
+        ivf = ivf_of(index)
         if ivf is None:
             raise ValueError(f"TorchIVF needs an IVF index, not {type(index).__name__}")
         self.device, self.nprobe = device, nprobe
