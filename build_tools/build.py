@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from build_tools.data import Corpus, InputError, Template, encode_corpus, load_rows
+from build_tools.data import Corpus, InputError, Template, differences, encode_corpus, load_rows
 from build_tools.embed import (
     EmbedWorker,
     check_length,
@@ -113,12 +113,6 @@ def plan_of(args: Namespace, tokenizer: Any, corpus: Corpus) -> dict[str, Any]:
     )
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = [k for k in MODEL_FIELDS if old.get(k) != new.get(k)]
-    keys += [k for k in sorted(set(old) | set(new)) if k not in MODEL_FIELDS and old.get(k) != new.get(k)]
-    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys]
-
-
 def check_output(out: Path, request: dict[str, Any], overwrite: bool) -> bool:
     """True if `out` already holds the datastore `request` describes; InputError if it holds another."""
     if not out.exists():
@@ -140,7 +134,7 @@ def check_output(out: Path, request: dict[str, Any], overwrite: bool) -> bool:
         return True
     if overwrite:
         return False
-    diffs = "; ".join(_differences(old, request))
+    diffs = "; ".join(differences(old, request, MODEL_FIELDS))
     raise InputError(
         f"--out {out} already holds a different datastore ({diffs}); "
         "pass --overwrite to replace it or choose another --out"
@@ -155,11 +149,11 @@ def open_work(work: Path, plan: dict[str, Any], overwrite: bool) -> None:
         if old == plan:
             return
         if not overwrite:
-            model_diffs = [d for d in _differences(old, plan) if d.split(":")[0] in MODEL_FIELDS]
+            model_diffs = [d for d in differences(old, plan, MODEL_FIELDS) if d.split(":")[0] in MODEL_FIELDS]
             what = "a different model" if model_diffs else "different settings"
             raise InputError(
                 f"cannot resume the partial build in {work}: it was started with {what} "
-                f"({'; '.join(_differences(old, plan))}). Rerun with the same arguments to resume, "
+                f"({'; '.join(differences(old, plan, MODEL_FIELDS))}). Rerun with the same arguments to resume, "
                 "or pass --overwrite to discard it and start over"
             )
     if work.exists():

@@ -15,7 +15,7 @@ answered.
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,6 +30,13 @@ _TOKENIZE_BATCH = 1024
 
 class InputError(ValueError):
     """Bad user input (a dataset, a field, a flag); the message says what is wrong and what to do."""
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], first: Sequence[str] = ()) -> list[str]:
+    """`KEY: OLD then, NEW now` for every key whose value differs between two runs' settings, `first` first."""
+    keys = [k for k in first if old.get(k) != new.get(k)]
+    keys += [k for k in sorted(set(old) | set(new)) if k not in first and old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys]
 
 
 def load_rows(dataset: str, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from build_tools.data import InputError, Template, get_text, load_rows
+from build_tools.data import InputError, Template, differences, get_text, load_rows
 from build_tools.embed import check_length, close_llm, load_tokenizer, make_llm, task_sequences, unbatch
 from build_tools.ray_jobs import ShardRunner
 from dresd_vllm.atomic import write_atomic
@@ -108,7 +108,7 @@ def resume_point(out: Path, meta: dict[str, Any], prompts: list[str], prompt_key
         )
     old = json.loads(meta_file.read_text())
     if old != meta:
-        diffs = "; ".join(f"{k}: {old.get(k)!r} then, {meta.get(k)!r} now" for k in meta if old.get(k) != meta[k])
+        diffs = "; ".join(differences(old, meta))
         raise InputError(
             f"--out {out}: was started with other settings ({diffs}); rerun with the same ones to resume, "
             "or pass --overwrite to start over"
