@@ -199,9 +199,14 @@ def load_prompts(args: Namespace, methods: list[Method], tokenizer: Any) -> Prom
 
 
 def make_settings(args: Namespace, prompts: Prompts, k: int) -> Settings:
-    """Settings from `args`; without --max-model-len, the longest prompt + max_tokens + k (vLLM's need)."""
+    """Settings from `args`; without --max-model-len, room for the drafter on every step of every request.
+
+    vLLM needs the longest prompt + max_tokens + k + 1. With less than k more, it skips the drafter on a
+    request's last steps and verifies k placeholder tokens instead, which every method then pays for.
+    """
     longest = max(map(len, [*prompts.token_ids, prompts.warmup]))
     needed = longest + args.max_tokens + k + 1
+    room = needed + k
     if args.max_model_len is not None and args.max_model_len < needed:
         raise InputError(
             f"--max-model-len {args.max_model_len} < {needed}: the longest prompt ({longest} tokens) "
@@ -215,7 +220,7 @@ def make_settings(args: Namespace, prompts: Prompts, k: int) -> Settings:
         seed=args.seed,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_model_len=args.max_model_len or needed,
+        max_model_len=args.max_model_len or room,
         engine_args=args.engine_args,
     )
 

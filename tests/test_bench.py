@@ -49,10 +49,11 @@ def common(tiny_model: str, bench_data: dict, own_datastore: str, out: Path) -> 
 
 
 def test_per_step_figures_count_every_step_near_max_model_len(tmp_path):
-    """k = 10 against 32 tokens: the last steps of the longest request leave no room for the drafter.
+    """k = 10 against 32 tokens: near max_model_len, vLLM skips the drafter and verifies k placeholders.
 
-    vLLM then skips the drafter but still schedules (and counts) k placeholder draft tokens; the request
-    steps must count those steps too, or drafted steps pass 100% and draft tokens per step pass k.
+    compare's default max_model_len leaves the drafter room on every step, so at batch 1 it runs once per
+    request step; the request steps are counted on every step all the same (the engine's own execute_model),
+    or drafted steps would pass 100% and draft tokens per step pass k where the drafter is skipped.
     """
     from dresd_vllm.assets import TINY_DRAFT_MODEL, TINY_MODEL
 
@@ -69,6 +70,7 @@ def test_per_step_figures_count_every_step_near_max_model_len(tmp_path):
         # accepted tokens that max_tokens cut, hence >=).
         assert m["output_tokens"] - m["accepted_tokens"] <= m["request_steps"] <= m["output_tokens"], m["name"]
         assert m["tokens_per_step"] == pytest.approx(m["output_tokens"] / m["request_steps"]), m["name"]
+        assert m["proposer_steps"] == m["request_steps"], m["name"]
 
 
 def test_sweep_runs_every_point_and_picks_the_fastest(tiny_model, bench_data, own_datastore, tmp_path):
