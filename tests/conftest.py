@@ -230,3 +230,12 @@ def rest_datastore(tiny_model: str, plain_outputs: list, tmp_path_factory: pytes
 def read_rows(path: Path) -> list[dict]:
     """The rows of a JSONL file."""
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread() -> Iterator[None]:
+    """FAISS on one thread for a module: its OpenMP threads spin against other processes on 2 cores."""
+    from dresd_vllm.retriever import omp_threads
+
+    with omp_threads(1):
+        yield

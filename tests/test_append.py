@@ -1,6 +1,5 @@
 """Appending to a datastore retrieves like building it from both corpora at once."""
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -19,12 +18,7 @@ from dresd_vllm.projection import Projection
 H, D, VOCAB, N_NEXT, EOS = 48, 16, 500, 4, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def corpus(rng: np.random.Generator, lengths: list[int]) -> tuple[list[np.ndarray], np.ndarray]:

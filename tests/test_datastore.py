@@ -10,7 +10,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -31,12 +30,7 @@ H, D, VOCAB, N_NEXT, EOS = 32, 8, 50, 4, 1
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @dataclasses.dataclass

@@ -26,13 +26,7 @@ from dresd_vllm.index import (
 D = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # FAISS's OpenMP threads spin against other processes on a shared 2-core machine.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def clustered(n: int, rng: np.random.Generator, centres: np.ndarray, latent: np.ndarray) -> np.ndarray:

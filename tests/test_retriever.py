@@ -3,7 +3,6 @@
 import dataclasses
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -17,12 +16,7 @@ N_NEXT = 4
 EOS = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(axis: int, cosine: float, other: int) -> np.ndarray:
