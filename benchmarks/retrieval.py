@@ -5,21 +5,15 @@ one `Retriever.draft` call (projection + search + first-token filter + merge) at
 sizes: p50/p99 latency, recall@K of the index against exact search on held-out states, the
 self-retrieval MRR, and bytes per key on disk and in memory. JSON out and a printed table.
 Runs on the CPU, or on a GPU with `--device cuda` (FAISS GPU when installed, else the torch backend).
-
-Synthetic states: sequences walk a Markov chain over clusters; a state is its cluster's centre
-plus a low-rank (latent) offset plus a little isotropic noise, like LLM states whose intrinsic
-dimension is far below the hidden size. The token a state "produces" is its cluster's token
-(mostly), so the first-token filter and the merge do real work.
+The synthetic states are `benchmarks.synthetic`'s. With `--work-dir` the datastores are kept there and
+a later run with the same build settings only loads and measures them.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import contextlib
 import os
-import platform
-import resource
 import sys
 import tempfile
 import time
@@ -31,137 +25,13 @@ import numpy as np
 import torch
 
 from build_tools.cli import comma_list
-from dresd_vllm.datastore import Datastore, Manifest, token_store_from_sequences, write_datastore
+from dresd_vllm.datastore import Datastore
 from dresd_vllm.evaluation import recall_at_k, self_retrieval_mrr
-from dresd_vllm.index import BACKENDS, add_keys, auto_factory, new_index, set_search_defaults, train_index, train_rows
-from dresd_vllm.projection import Projection
+from dresd_vllm.index import BACKENDS
 from dresd_vllm.retriever import MERGES, Retriever
 
-from .report import fmt, machine, table
-
-_GEN_CHUNK = 32_768
-
-
-class SyntheticCorpus:
-    """A generator of token sequences and the hidden states that go with them (see the module doc).
-
-    A state is built in a ``latent_dim``-dimensional space (cluster centre + an offset in
-    ``local_dim`` directions of its own, the local intrinsic dimension), embedded into
-    ``hidden_size`` dimensions with isotropic noise, then given LLM-like per-feature scales and
-    offsets (a few huge "outlier" features), which the z-score must undo.
-    """
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_clusters: int = 1024,
-        latent_dim: int = 64,
-        local_dim: int = 16,
-        spread: float = 2.0,
-        vocab_size: int = 32_000,
-        seed: int = 0,
-    ):
-        rng = np.random.default_rng(seed)
-        self.hidden_size = hidden_size
-        self.vocab_size = vocab_size
-        self.num_clusters = num_clusters
-        self.centres = rng.standard_normal((num_clusters, latent_dim)).astype(np.float32)
-        local = np.argsort(rng.random((num_clusters, latent_dim)), axis=1)[:, :local_dim]
-        self.local_scale = np.zeros((num_clusters, latent_dim), dtype=np.float32)
-        np.put_along_axis(self.local_scale, local, spread, axis=1)
-        self.local_basis = (rng.standard_normal((latent_dim, latent_dim)) / np.sqrt(latent_dim)).astype(np.float32)
-        self.embed = rng.standard_normal((latent_dim, hidden_size)).astype(np.float32)
-        self.feature_scale = np.exp(rng.standard_normal(hidden_size)).astype(np.float32)
-        self.feature_offset = (3 * rng.standard_normal(hidden_size)).astype(np.float32)
-        self.successor = rng.integers(0, num_clusters, size=num_clusters)  # the chain's likely next cluster
-        self.cluster_token = rng.integers(0, vocab_size, size=num_clusters)
-
-    def sample(self, n: int, rng: np.random.Generator, seq_len: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` positions in sequences of ``seq_len``: (clusters int64 [n], tokens int32 [n]).
-
-        ``tokens[i]`` is the token that position i's state produced.
-        """
-        clusters = np.empty(n, dtype=np.int64)
-        jump = rng.random(n) < 0.3
-        random_cluster = rng.integers(0, self.num_clusters, size=n)
-        for i in range(n):  # a Markov chain is sequential: about 1 s per million positions
-            starts = i % seq_len == 0 or jump[i]
-            clusters[i] = random_cluster[i] if starts else self.successor[clusters[i - 1]]
-        noisy = rng.random(n) < 0.1
-        tokens = np.where(noisy, rng.integers(0, self.vocab_size, size=n), self.cluster_token[clusters])
-        return clusters, tokens.astype(np.int32)
-
-    def states(self, clusters: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Hidden states float32 ``[len(clusters), hidden_size]`` for the given clusters."""
-        z = rng.standard_normal(self.local_scale[clusters].shape, dtype=np.float32) * self.local_scale[clusters]
-        latent = self.centres[clusters] + z @ self.local_basis
-        noise = rng.standard_normal((len(clusters), self.hidden_size), dtype=np.float32)
-        return (latent @ self.embed + noise) * self.feature_scale + self.feature_offset
-
-
-def synthetic_datastore(
-    path: Path,
-    num_keys: int,
-    hidden_size: int,
-    pca_dim: int,
-    factory: str,
-    n_next: int = 20,
-    seed: int = 0,
-    seq_len: int = 512,
-    **corpus_options: Any,
-) -> tuple[SyntheticCorpus, np.ndarray, dict[str, float]]:
-    """Write a synthetic datastore at ``path``; returns the corpus, the keys and build timings per stage."""
-    # About 1000 keys per cluster at every size, so neighbourhoods look alike from 1e3 to 1e6 keys.
-    corpus = SyntheticCorpus(hidden_size, num_clusters=max(8, num_keys // 1000), seed=seed, **corpus_options)
-    rng = np.random.default_rng(seed + 1)
-    t0 = time.perf_counter()
-    clusters, produced = corpus.sample(num_keys, rng, seq_len)
-    fit_rows = min(num_keys, 20_000)
-    projection = Projection.fit(corpus.states(clusters[:fit_rows], rng), dim=pca_dim, seed=seed)
-    keys = np.empty((num_keys, pca_dim), dtype=np.float16)
-    for start in range(0, num_keys, _GEN_CHUNK):
-        part = clusters[start : start + _GEN_CHUNK]
-        keys[start : start + len(part)] = projection.transform(corpus.states(part, rng))
-    # Position p of a sequence holds the token that position p - 1 produced (the first is a BOS-like 0),
-    # so key i's value[0] = produced[i], the token its state produced.
-    sequences = [
-        np.concatenate(([0], produced[s : s + seq_len - 1]))[: min(seq_len, num_keys - s)]
-        for s in range(0, num_keys, seq_len)
-    ]
-    tokens, offsets = token_store_from_sequences(sequences, n_next, eos_id=1)
-    generate_s = time.perf_counter() - t0
-    factory = auto_factory(num_keys) if factory == "auto" else factory
-    t0 = time.perf_counter()
-    index = new_index(pca_dim, factory)
-    rows = train_rows(num_keys, index, seed)
-    if len(rows):
-        train_index(index, keys[rows], seed)
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    add_keys(index, keys, 0)
-    set_search_defaults(index)
-    add_s = time.perf_counter() - t0
-    manifest = Manifest(
-        model="synthetic",
-        hidden_size=hidden_size,
-        vocab_size=corpus.vocab_size,
-        tokenizer_fingerprint=None,
-        template="{prompt}",
-        n_next=n_next,
-        pca_dim=pca_dim,
-        num_keys=num_keys,
-        index_factory=factory,
-        build={"seed": seed, "generator": "benchmarks.retrieval.SyntheticCorpus"},
-    )
-    t0 = time.perf_counter()
-    write_datastore(path, manifest, projection, index, tokens, offsets)
-    stages = {"generate_s": generate_s, "train_s": train_s, "add_s": add_s, "write_s": time.perf_counter() - t0}
-    return corpus, keys, stages
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from .report import finish, fmt, markdown_table, table
+from .synthetic import SyntheticSettings, open_or_build, peak_rss_mb
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -206,19 +76,18 @@ def measure_latency(
 
 
 def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[str, Any]]:
-    """Build one datastore of ``num_keys`` and measure it at every nprobe and batch size."""
-    path = work / f"datastore-{num_keys}"
-    print(f"== {num_keys} keys: generating and building {args.factory} ...", flush=True)
-    corpus, keys, build_s = synthetic_datastore(
-        path,
-        num_keys,
-        args.hidden_size,
-        args.pca_dim,
-        args.factory,
+    """Build (or, in a kept work directory, reuse) one datastore of ``num_keys``; measure every nprobe and batch."""
+    settings = SyntheticSettings(
+        num_keys=num_keys,
+        hidden_size=args.hidden_size,
+        pca_dim=args.pca_dim,
+        factory=args.factory,
         seed=args.seed,
         local_dim=args.local_dim,
         spread=args.spread,
     )
+    store = open_or_build(work, settings)
+    path, corpus, keys = store.path, store.corpus, store.keys
     disk = {f.name: f.stat().st_size for f in path.iterdir()}
     rng = np.random.default_rng(args.seed + 2)
     clusters, produced = corpus.sample(args.queries, rng)
@@ -226,7 +95,6 @@ def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[
     hidden = torch.from_numpy(corpus.states(clusters, rng)).to(device)
 
     results = []
-    peak_build_mb = _peak_rss_mb()
     for nprobe in args.nprobe or [None]:
         t0 = time.perf_counter()
         ds = Datastore.load(path, backend=args.backend, device=device, nprobe=nprobe)
@@ -253,14 +121,17 @@ def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[
                 # What the server holds per key: the searched structure (codes, ids, lists) and the offsets.
                 "bytes_per_key_server": (memory + ds.offsets.nbytes) / num_keys,
                 "bytes_per_key_token_store": (disk["tokens.npy"] + disk["offsets.npy"]) / num_keys,
-                "build_s": {**build_s, **ds.manifest.build},
+                "build_s": {**store.build_s, **ds.manifest.build},
+                "reused_build": store.reused,
                 "load_s": load_s,
-                "peak_rss_mb_build": peak_build_mb,
+                "peak_rss_mb_build": store.peak_rss_mb_build,
+                "load_average_build": store.load_average_build,
+                "peak_rss_mb": peak_rss_mb(),
                 "load_average": os.getloadavg(),
                 "latency": latency,
             }
         )
-        _print_rows(results[-1:], args.top_k)
+        print(table(HEADERS, _rows(results[-1:], args.top_k)), flush=True)
     return results
 
 
@@ -279,7 +150,7 @@ HEADERS = [
 ]
 
 
-def _print_rows(results: list[dict[str, Any]], top_k: int) -> None:
+def _rows(results: list[dict[str, Any]], top_k: int) -> list[list[str]]:
     rows = []
     for r in results:
         for batch, lat in r["latency"].items():
@@ -299,7 +170,7 @@ def _print_rows(results: list[dict[str, Any]], top_k: int) -> None:
                     fmt(r["bytes_per_key_disk"], ".0f"),
                 ]
             )
-    print(table(HEADERS, rows), flush=True)
+    return rows
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -344,7 +215,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=300, help="timed calls per batch size")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", help="where the datastores go (default: a temporary directory, removed)")
+    p.add_argument(
+        "--work-dir",
+        help="where the datastores are built and kept; one built there with the same build settings is only "
+        "loaded (default: a temporary directory, removed)",
+    )
     p.add_argument("--out", default="results/retrieval.json", help="JSON report path")
 
 
@@ -357,29 +232,22 @@ def run(args: argparse.Namespace) -> int:
     used = {"faiss": faiss.omp_get_max_threads(), "torch": torch.get_num_threads()}
     results = []
     try:
-        with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        with tempfile.TemporaryDirectory() if args.work_dir is None else contextlib.nullcontext(args.work_dir) as work:
             for num_keys in args.num_keys:
                 results.extend(bench_one(args, num_keys, Path(work)))
     finally:
         faiss.omp_set_num_threads(threads[0])
         torch.set_num_threads(threads[1])
-    report = {
-        "command": " ".join(sys.argv),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": {"torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__},
-        "python": platform.python_version(),
+    body = {
         "config": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
         "threads": used,
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    rows = _rows(results, args.top_k)
     print("\nall results:")
-    _print_rows(results, args.top_k)
-    print(f"report: {out}")
-    return 0
+    print(table(HEADERS, rows))
+    out = Path(args.out)
+    return finish(out.parent, out.name, body, markdown_table(HEADERS, rows), list, [], table_name=f"{out.stem}.md")
 
 
 def main(argv: list[str] | None = None) -> int:

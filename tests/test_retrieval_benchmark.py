@@ -41,9 +41,43 @@ def test_tiny_benchmark_writes_its_report(tmp_path, capsys):
         for latency in result["latency"].values():
             assert 0 < latency["p50_ms"] <= latency["p99_ms"]
             assert latency["search_ms"] > 0 and latency["draft_tokens_per_request"] > 0
+    assert "| keys |" in (tmp_path / "retrieval.md").read_text()
     printed = capsys.readouterr().out
-    assert "p50 ms" in printed and f"report: {out}" in printed
-    assert not list(tmp_path.glob("tmp*"))  # the datastores were removed
+    assert "p50 ms" in printed and f"wrote {out}, {tmp_path / 'retrieval.md'}" in printed
+
+
+def test_work_dir_keeps_the_datastore_and_a_rerun_only_loads_it(tmp_path, capsys):
+    """A store kept in --work-dir is reused by a run with the same build settings, rebuilt for other ones."""
+    work = tmp_path / "work"
+    argv = ["--num-keys", "2000", "--batch-sizes", "1", "--factory", "IVF8,Flat", "--nprobe", "8"]
+    argv += ["--hidden-size", "64", "--pca-dim", "16", "--queries", "20", "--iters", "2", "--warmup", "1"]
+    argv += ["--work-dir", str(work)]
+
+    def run(*extra: str) -> dict:
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*.json')))}.json"
+        assert retrieval.main([*argv, *extra, "--out", str(out)]) == 0
+        return json.loads(out.read_text())["results"][0]
+
+    first = run()
+    record = json.loads((work / "datastore-2000.json").read_text())
+    assert record["settings"]["factory"] == "IVF8,Flat" and first["build_s"]["add_s"] == record["build_s"]["add_s"]
+    built = (work / "datastore-2000" / "index.faiss").stat().st_mtime_ns
+    assert not first["reused_build"] and "generating and building" in capsys.readouterr().out
+
+    again = run("--batch-sizes", "1,2", "--queries", "30")  # measuring settings only: no rebuild
+    assert again["reused_build"] and "reusing" in capsys.readouterr().out
+    assert (work / "datastore-2000" / "index.faiss").stat().st_mtime_ns == built
+    assert again["build_s"] == first["build_s"] and again["peak_rss_mb_build"] == first["peak_rss_mb_build"]
+    assert again["recall@50"] == 1.0 and set(again["latency"]) == {"1", "2"}  # keys read back for exact search
+
+    other = run("--spread", "3.0")  # a build setting changed: built again, and recorded
+    assert not other["reused_build"] and "spread: 2.0 then, 3.0 now" in capsys.readouterr().out
+    assert json.loads((work / "datastore-2000.json").read_text())["settings"]["spread"] == 3.0
+    assert sorted(p.name for p in work.iterdir()) == [
+        "datastore-2000",
+        "datastore-2000.json",
+        "datastore-2000.keys.npy",
+    ]
 
 
 def test_torch_ivf_backend_on_pq_codes(tmp_path):
