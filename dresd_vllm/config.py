@@ -2,116 +2,130 @@
 
 `{"method": "dresd", "datastore": ..., "num_speculative_tokens": 10, ...}` is split into vLLM's own
 `SpeculativeConfig` keys and ours; ours travel to the proposer in `additional_config[method]`.
+Validation is pydantic's, strict (JSON `true` is not a count) and closed (`extra="forbid"`); its
+errors are reworded to name the key and what it must be, in the process the user started.
 """
 
-import dataclasses
-import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class _Options:
-    """Shared validation: every field's type is checked against its annotation."""
+class _Options(BaseModel):
+    """Shared by the methods' options: strict, closed, frozen, and errors that name the key."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
 
     method: typing.ClassVar[str]
     proposer: typing.ClassVar[str]
-    ranges: typing.ClassVar[dict[str, tuple[float | None, float | None]]] = {}
-    """Closed [low, high] of numeric keys (None: unbounded), checked where the user starts vLLM."""
     datastore: str
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            value, allowed = getattr(self, field.name), _allowed(hints[field.name])
-            if not any(_matches(value, a) for a in allowed):
-                names = " or ".join(a.__name__ if isinstance(a, type) else repr(a) for a in allowed)
-                raise ValueError(
-                    f"{self.method} {field.name!r} must be {names}, got {value!r} ({type(value).__name__})"
-                )
-        for name, (low, high) in self.ranges.items():
-            value = getattr(self, name)
-            if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
-                bound = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
-                raise ValueError(f"{self.method} {name!r} must be {bound}, got {value!r}")
 
     def check_speculative(self, speculative_config: dict[str, Any]) -> None:
         """Check vLLM's keys against ours (e.g. `num_speculative_tokens` against the datastore)."""
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any]):
-        """Build from user keys; an unknown key is an error that lists the valid ones."""
-        keys = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(options) - keys)
+    def from_dict(cls, options: dict[str, Any]) -> Self:
+        """Build from user keys; a ValueError names the bad key and what it must be (an unknown key: the valid ones)."""
+        try:
+            return cls(**options)
+        except ValidationError as e:
+            raise ValueError(cls._explain(e.errors())) from None
+
+    @classmethod
+    def ranges(cls) -> dict[str, tuple[float | None, float | None]]:
+        """Closed [low, high] of the numeric keys (None: unbounded), as their Field constraints say."""
+        ranges = {}
+        for name, field in cls.model_fields.items():
+            low = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
+            high = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+            if low is not None or high is not None:
+                ranges[name] = (low, high)
+        return ranges
+
+    @classmethod
+    def _explain(cls, errors: list[Any]) -> str:
+        unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
         if unknown:
-            raise ValueError(f"unknown {cls.method} key(s) {unknown}; valid keys: {sorted(keys)}")
-        if "datastore" not in options:
-            raise ValueError(f"{cls.method} needs 'datastore': the output of `dresd-build`")
-        return cls(**options)
+            return f"unknown {cls.method} key(s) {unknown}; valid keys: {sorted(cls.model_fields)}"
+        if any(e["type"] == "missing" and e["loc"] == ("datastore",) for e in errors):
+            return f"{cls.method} needs 'datastore': the output of `dresd-build`"
+        return "; ".join(cls._explain_one(e) for e in errors)
+
+    @classmethod
+    def _explain_one(cls, error: Any) -> str:
+        if not error["loc"]:  # a model validator's own message already names its keys
+            return str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+        key, value = str(error["loc"][0]), error["input"]
+        if error["type"] in ("greater_than_equal", "less_than_equal"):
+            low, high = cls.ranges()[key]
+            bound = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+            return f"{cls.method} {key!r} must be {bound}, got {value!r}"
+        field = cls.model_fields[key]
+        what = error["msg"].removeprefix("Input should be ")
+        if not field.is_required() and field.default is None:
+            what += " or null"
+        return f"{cls.method} {key!r} must be {what}, got {value!r} ({type(value).__name__})"
 
 
-@dataclass(frozen=True)
 class DresdConfig(_Options):
     """DReSD's serving options (vLLM's own keys such as `num_speculative_tokens` stay vLLM's)."""
 
     method: typing.ClassVar[str] = "dresd"
     proposer: typing.ClassVar[str] = "dresd_vllm.proposer.DresdProposer"
-    ranges: typing.ClassVar[dict[str, tuple[float | None, float | None]]] = dict(
-        top_k=(1, None), max_candidates=(1, None), min_support=(0.0, 1.0), nprobe=(1, None), ef_search=(1, None),
-        search_threads=(1, None), context_max_depth=(1, None), context_cached_requests=(0, None),
-        context_min_prob=(0.0, 1.0), online_store_size=(1, None), token_cost=(0.0, None),
-    )  # fmt: skip
 
     datastore: str
     """Directory written by `dresd-build datastore`."""
-    top_k: int = 50
+    top_k: Annotated[int, Field(ge=1)] = 50
     """Neighbours fetched per request and step (the paper's 50)."""
-    max_candidates: int = 10
+    max_candidates: Annotated[int, Field(ge=1)] = 10
     """Survivors of the first-token filter that are merged into the draft (the paper's 10)."""
     merge: Literal["trie", "top1"] = "trie"
     """`trie`: follow the heaviest branch of the survivors' prefix trie; `top1`: the nearest survivor."""
-    min_support: float = 0.2
+    min_support: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
     """`trie` stops where the branch holds less than this share of the survivors' similarity weight."""
     backend: Literal["auto", "faiss", "faiss-gpu", "torch", "torch-ivf"] = "auto"
     """Search backend: FAISS (CPU or GPU), exact search with torch, or IVF search with torch on the model's
     device (`torch-ivf`). `auto`: FAISS on the CPU, `torch-ivf` (IVF stores) or `torch` on a GPU."""
-    nprobe: int | None = None
+    nprobe: Annotated[int | None, Field(ge=1)] = None
     """IVF lists probed per query; None keeps the datastore's setting."""
-    ef_search: int | None = None
+    ef_search: Annotated[int | None, Field(ge=1)] = None
     """HNSW search depth; None keeps the datastore's setting."""
-    search_threads: int = 1
+    search_threads: Annotated[int, Field(ge=1)] = 1
     """FAISS CPU threads; one is fastest for the small batches of a decoding step."""
     context: bool = True
     """Also draft from the request's own tokens and earlier responses (suffix tree), keeping per request
     the chain with the larger expected gain; false: the paper's pure dense retrieval."""
-    context_max_depth: int = 24
+    context_max_depth: Annotated[int, Field(ge=1)] = 24
     """Longest context suffix matched (vLLM suffix's suffix_decoding_max_tree_depth)."""
-    context_cached_requests: int = 10000
+    context_cached_requests: Annotated[int, Field(ge=0)] = 10000
     """Earlier responses the context's global tree keeps (0: the request's own tokens only)."""
-    context_min_prob: float = 0.1
+    context_min_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     """The context chain stops where the tree's frequency of its path falls below this."""
     online_store: bool = True
     """Add the verified states of served requests, with the tokens that followed, to an in-memory index
     searched next to the datastore."""
-    online_store_size: int = 100000
+    online_store_size: Annotated[int, Field(ge=1)] = 100000
     """Keys the online store holds; the oldest are evicted first."""
     length_control: bool = True
     """Cut each draft where its estimated chance of acceptance no longer pays for verifying the token
     (false: the dense chain stops at min_support, the context chain at context_min_prob)."""
     adapt: bool = True
     """Calibrate the acceptance estimates from what vLLM accepted of each draft."""
-    token_cost: float | None = None
+    token_cost: Annotated[float | None, Field(ge=0.0)] = None
     """Step time one more verified token per request adds, as a share of the step; None: 0.04 (CPU) or
     0.004 (GPU) x batch size, at most 1."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    @model_validator(mode="after")
+    def _datastore_is_a_directory(self) -> Self:
         if not Path(self.datastore).is_dir():
             raise ValueError(
                 f"dresd 'datastore': {self.datastore!r} is not a directory; "
                 "point it at the output of `dresd-build datastore`"
             )
+        return self
 
     def check_speculative(self, speculative_config: dict[str, Any]) -> None:
         """Refuse more speculative tokens than the datastore stores per key (its `n_next`)."""
@@ -130,29 +144,25 @@ class DresdConfig(_Options):
             )
 
 
-@dataclass(frozen=True)
 class RestConfig(_Options):
     """REST's serving options: exact suffix match of the context in a corpus suffix array."""
 
     method: typing.ClassVar[str] = "rest"
     proposer: typing.ClassVar[str] = "dresd_vllm.rest_proposer.RestProposer"
-    ranges: typing.ClassVar[dict[str, tuple[float | None, float | None]]] = dict(
-        max_span=(1, None), min_span=(1, None), max_matches=(1, None), min_support=(0.0, 1.0)
-    )
 
     datastore: str
     """File written by `dresd-build rest`."""
-    max_span: int = 16
+    max_span: Annotated[int, Field(ge=1)] = 16
     """Longest context suffix searched (REST's 16)."""
-    min_span: int = 2
+    min_span: Annotated[int, Field(ge=1)] = 2
     """Shortest context suffix searched (REST's 2)."""
-    max_matches: int = 5000
+    max_matches: Annotated[int, Field(ge=1)] = 5000
     """Occurrences whose continuations are counted (REST's k = 5000)."""
-    min_support: float = 0.2
+    min_support: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
     """The chain stops where its branch holds less than this share of the occurrences."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    @model_validator(mode="after")
+    def _datastore_and_spans(self) -> Self:
         if not Path(self.datastore).is_file():
             raise ValueError(
                 f"rest 'datastore': {self.datastore!r} is not a file; point it at the output of `dresd-build rest`"
@@ -162,27 +172,10 @@ class RestConfig(_Options):
         check_rest_file(self.datastore)
         if self.min_span > self.max_span:
             raise ValueError(f"rest needs 1 <= 'min_span' ({self.min_span}) <= 'max_span' ({self.max_span})")
+        return self
 
 
 METHODS: dict[str, type[_Options]] = {"dresd": DresdConfig, "rest": RestConfig}
-
-
-def _allowed(hint: Any) -> list[Any]:
-    if typing.get_origin(hint) is Literal:
-        return list(typing.get_args(hint))
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return [a for arg in typing.get_args(hint) for a in _allowed(arg)]
-    return [hint]
-
-
-def _matches(value: Any, allowed: Any) -> bool:
-    if not isinstance(allowed, type):
-        return value == allowed
-    if isinstance(value, bool) and allowed is not bool:  # JSON true is not a count
-        return False
-    if allowed is float:
-        return isinstance(value, int | float)
-    return isinstance(value, allowed)
 
 
 def split_speculative_config(
@@ -197,7 +190,7 @@ def split_speculative_config(
 
     options_class = METHODS[speculative_config["method"]]
     method = options_class.method
-    ours_keys = {f.name for f in dataclasses.fields(options_class)}  # type: ignore[arg-type]
+    ours_keys = set(options_class.model_fields)
     vllm_keys = set(SpeculativeConfig.__dataclass_fields__) - {"method", "model"}
     spec = {k.replace("-", "_"): v for k, v in speculative_config.items() if k != "method"}
     ours = {k: spec.pop(k) for k in list(spec) if k in ours_keys}

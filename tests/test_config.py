@@ -1,6 +1,5 @@
 """dresd_vllm.config: every user key's type and range is checked, and each error names the key."""
 
-import dataclasses
 import typing
 
 import pytest
@@ -17,15 +16,15 @@ def datastores(tmp_path) -> dict[str, str]:
 
 
 def _fields(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.name != "datastore"]
+    return [name for name in cls.model_fields if name != "datastore"]
 
 
 def _switches(cls) -> set[str]:
-    return {k for k, hint in typing.get_type_hints(cls).items() if hint is bool}
+    return {name for name, field in cls.model_fields.items() if field.annotation is bool}
 
 
 def _numeric(cls) -> set[str]:
-    hints = typing.get_type_hints(cls)
+    hints = {name: field.annotation for name, field in cls.model_fields.items()}
     return {k for k in _fields(cls) if {int, float} & set(typing.get_args(hints[k]) or (hints[k],))}
 
 
@@ -51,10 +50,10 @@ def test_json_true_is_not_a_number(cls, key, datastores):
 
 
 @pytest.mark.parametrize(
-    ("cls", "key"), [(cls, key) for cls in (DresdConfig, RestConfig) for key in sorted(cls.ranges)]
+    ("cls", "key"), [(cls, key) for cls in (DresdConfig, RestConfig) for key in sorted(cls.ranges())]
 )
 def test_out_of_range_names_the_key_and_its_range(cls, key, datastores):
-    low, high = cls.ranges[key]
+    low, high = cls.ranges()[key]
     for value in [v for v in (None if low is None else low - 1, None if high is None else high + 1) if v is not None]:
         with pytest.raises(ValueError, match=rf"^{cls.method} {key!r} must be (>=|<=|in) .*, got {value!r}$"):
             cls.from_dict({"datastore": datastores[cls.method], key: value})
@@ -66,7 +65,16 @@ def test_out_of_range_names_the_key_and_its_range(cls, key, datastores):
 
 def test_every_numeric_key_has_a_range():
     for cls in (DresdConfig, RestConfig):
-        assert _numeric(cls) == set(cls.ranges), f"{cls.method}: ranges differ from the numeric keys"
+        assert _numeric(cls) == set(cls.ranges()), f"{cls.method}: ranges differ from the numeric keys"
+
+
+def test_an_integer_is_a_number(datastores):
+    assert DresdConfig.from_dict({"datastore": datastores["dresd"], "min_support": 1}).min_support == 1.0
+
+
+def test_every_bad_key_is_named(datastores):
+    with pytest.raises(ValueError, match=r"^dresd 'top_k' must be >= 1, got 0; dresd 'merge' must be 'trie' or"):
+        DresdConfig.from_dict({"datastore": datastores["dresd"], "top_k": 0, "merge": "best"})
 
 
 def test_choice_lists_the_valid_values(datastores):
@@ -80,7 +88,7 @@ def test_unknown_key_lists_the_valid_ones(method, datastores):
         METHODS[method].from_dict({"datastore": datastores[method], "topk": 5})
     message = str(error.value)
     assert message.startswith(f"unknown {method} key(s) ['topk']; valid keys: ")
-    for key in (f.name for f in dataclasses.fields(METHODS[method])):
+    for key in METHODS[method].model_fields:
         assert repr(key) in message
 
 
