@@ -45,17 +45,7 @@ from build_tools.embed import (
 from build_tools.index_shards import IndexWorker, index_task
 from build_tools.ray_jobs import ShardRunner
 from dresd_vllm.atomic import write_atomic
-from dresd_vllm.datastore import (
-    INDEX,
-    MANIFEST,
-    PROJECTION,
-    DatastoreError,
-    Manifest,
-    append_datastore,
-    token_store_from_sequences,
-    write_datastore,
-)
-from dresd_vllm.datastore import tokenizer_fingerprint as fingerprint_of
+from dresd_vllm.datastore_writer import append_datastore, token_store_from_sequences, write_datastore
 from dresd_vllm.index import (
     add_keys,
     auto_factory,
@@ -67,6 +57,8 @@ from dresd_vllm.index import (
     train_index,
     train_rows,
 )
+from dresd_vllm.manifest import INDEX, MANIFEST, PROJECTION, DatastoreError, Manifest
+from dresd_vllm.manifest import tokenizer_fingerprint as fingerprint_of
 from dresd_vllm.projection import Projection
 
 # Raw fp32 states of one sample shard travel as one Arrow binary value (< 2 GiB): 32k positions is

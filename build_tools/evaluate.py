@@ -10,22 +10,16 @@ import json
 from argparse import Namespace
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from build_tools.data import Template, encode_corpus, load_rows
-from build_tools.embed import EmbedWorker, load_tokenizer, model_info
-from dresd_vllm.datastore import Datastore, DatastoreError, tokenizer_fingerprint
+from build_tools.embed import EmbedWorker, load_tokenizer, model_info, shard_task
+from build_tools.ray_jobs import ShardRunner
+from dresd_vllm.datastore import Datastore
 from dresd_vllm.evaluation import recall_at_k, self_retrieval_mrr
-
-
-def stored_keys(index: faiss.Index) -> np.ndarray:
-    """Every key the index holds, fp32 `[ntotal, d]` (decoded, so approximate for PQ indexes)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.make_direct_map()  # IVF lists are not addressable by id without it
-    return index.reconstruct_n(0, index.ntotal)
+from dresd_vllm.index import read_keys
+from dresd_vllm.manifest import DatastoreError, tokenizer_fingerprint
 
 
 def held_out_queries(args: Namespace, ds: Datastore) -> np.ndarray:
@@ -42,12 +36,13 @@ def held_out_queries(args: Namespace, ds: Datastore) -> np.ndarray:
     corpus = encode_corpus(rows, template, args.prompt_key, args.response_key, args.max_length)
     # Held-out states at the dtype the keys were embedded at, unless --dtype says otherwise.
     engine_args = {"dtype": m.dtype, **args.engine_args} if m.dtype else args.engine_args
-    worker = EmbedWorker(model, args.max_length, engine_args, ds.projection)
+    worker_kwargs = dict(model=model, max_length=args.max_length, engine_args=engine_args, projection=ds.projection)
+    runner = ShardRunner(EmbedWorker, worker_kwargs, use_ray=False)
     try:
-        result = worker({"shard": [0], "tokens": [corpus.tokens.tobytes()], "lengths": [corpus.lengths.tobytes()]})
+        (result,) = runner.run([shard_task(0, corpus.tokens, corpus.lengths)])
     finally:
-        worker.close()
-    keys = np.frombuffer(result["data"][0], dtype=np.float16).reshape(-1, m.pca_dim)
+        runner.close()
+    keys = np.frombuffer(result["data"], dtype=np.float16).reshape(-1, m.pca_dim)
     rng = np.random.default_rng(args.seed)
     return keys[np.sort(rng.choice(len(keys), size=min(args.queries, len(keys)), replace=False))]
 
@@ -58,7 +53,7 @@ def run_eval(args: Namespace) -> dict[str, Any]:
         ds = Datastore.load(args.datastore, backend="faiss")
     except DatastoreError as e:
         raise SystemExit(f"dresd-build eval: {e}") from e
-    keys = stored_keys(ds.index.index)
+    keys = read_keys(ds.index.index).numpy()  # decoded, so approximate for PQ indexes
     if args.dataset:
         queries, source = held_out_queries(args, ds), f"held-out states of {args.dataset}"
     else:

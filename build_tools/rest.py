@@ -15,7 +15,7 @@ from typing import Any
 
 from build_tools.data import InputError, Template, encode_corpus, load_rows
 from build_tools.embed import load_tokenizer
-from dresd_vllm.datastore import tokenizer_fingerprint
+from dresd_vllm.manifest import tokenizer_fingerprint
 from dresd_vllm.suffix_array import write_rest_datastore
 
 

@@ -1,21 +1,17 @@
-"""The ANN index over datastore keys and the backends that search it.
+"""The ANN index over datastore keys: choosing, training, filling, sharding and reading it back.
 
 Keys are unit fp16 vectors, so similarity is the inner product (cosine). The
-index is a FAISS index described by a factory string; at load time it is
-searched by FAISS on the CPU, by FAISS on the GPU, or exactly by PyTorch (one
-GEMM + top-k on the queries' device) for GPUs whose CUDA has no FAISS build.
+index is a FAISS index described by a factory string; :mod:`dresd_vllm.search`
+searches it at serving time.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import faiss
 import numpy as np
 import torch
-
-BACKENDS = ("auto", "faiss", "faiss-gpu", "torch", "torch-ivf")
 
 # Up to this many keys exact search costs at most ~1 ms per query on one CPU core
 # (d = 64: 50k x 256 B scanned) and loses nothing; above it IVF is ~10x faster.
@@ -197,274 +193,31 @@ def merge_shard(index: faiss.Index, shard: faiss.Index) -> None:
     index.merge_from(shard, 0)
 
 
-def auto_backend(index: faiss.Index, device: torch.device) -> str:
-    """The backend ``"auto"`` means for ``index`` searched from ``device``.
+def read_keys(
+    index: faiss.Index,
+    ids: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The keys ``index`` holds under ``ids`` (all, in id order, when None) as one ``[n, d]`` tensor.
 
-    FAISS on the CPU. On a GPU a torch backend, never FAISS GPU: FAISS GPU wheels are
-    built for other CUDA versions and GPU generations than vLLM's torch, and a fault
-    there would mean silently no drafts. ``torch-ivf`` for IVF indexes (every ``auto``
-    datastore above 50k keys), exact ``torch`` for the others.
+    Read in chunks straight into the tensor on ``device`` (never one fp32 copy of all keys);
+    approximate indexes (PQ) give back their decoded, approximate keys. ``dtype`` None: fp16 on
+    a GPU, fp32 on the CPU (where fp16 GEMM is slow).
     """
-    if device.type != "cuda":
-        return "faiss"
-    return "torch-ivf" if ivf_of(index) is not None else "torch"
-
-
-def _faiss_gpu_available() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-class SearchIndex:
-    """A loaded index and the backend that searches it.
-
-    ``search`` always returns NumPy arrays on the CPU, because the first-token
-    filter and the merge that follow run in NumPy. ``index`` is the FAISS index
-    searched (None for the torch backends, which keep only what they search);
-    ``nprobe`` the IVF lists probed per query (None when not IVF or exact).
-
-    ``backend="auto"`` is FAISS on the CPU and a torch backend on a GPU: ``torch-ivf``
-    for IVF indexes (the datastores above 50k keys), exact ``torch`` for the rest.
-    """
-
-    def __init__(
-        self,
-        index: faiss.Index,
-        backend: str = "auto",
-        device: torch.device | str | None = None,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-    ):
-        """Wrap a FAISS ``index``; ``nprobe``/``ef_search`` are set on it, None keeps its own setting."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown search backend {backend!r}, expected one of {BACKENDS}")
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        ivf = ivf_of(index)
-        if backend == "auto":
-            backend = auto_backend(index, self.device)
-        if backend == "faiss-gpu" and not _faiss_gpu_available():
-            raise ValueError("backend 'faiss-gpu' needs a FAISS GPU build and a GPU; use 'torch-ivf' or 'torch'")
-        if backend == "torch-ivf" and ivf is None:
-            raise ValueError(f"backend 'torch-ivf' needs an IVF index, not {type(index).__name__}; use 'torch'")
-        self.backend = backend
-        self.ntotal = index.ntotal
-        self.dim = index.d
-        self._set_params(index, nprobe, ef_search)
-        self.nprobe = ivf.nprobe if ivf is not None and backend != "torch" else None
-        self._keys: torch.Tensor | None = None
-        self._ivf: TorchIVF | None = None
-        self.index: faiss.Index | None
-        if backend == "torch":
-            self._keys = _reconstruct_all(index, self.device)
-            self.index = None  # the keys are all it needs: no second copy of the datastore in memory
-        elif backend == "torch-ivf":
-            self._ivf = TorchIVF(index, self.device, self.nprobe)
-            self.index = None
-        elif backend == "faiss-gpu":
-            gpu_id = self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
-            self._gpu_resources = faiss.StandardGpuResources()
-            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, gpu_id, index)
-        else:
-            self.index = index
-
-    @staticmethod
-    def _set_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
-        params = faiss.ParameterSpace()
-        for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
-            if value is None:
-                continue
-            try:
-                params.set_index_parameter(index, name, int(value))
-            except RuntimeError as e:
-                raise ValueError(f"{name}={value} does not apply to a {type(index).__name__} index") from e
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        backend: str = "auto",
-        device: torch.device | str | None = None,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-    ) -> SearchIndex:
-        """Read a FAISS index file and prepare ``backend`` on ``device`` (see :class:`SearchIndex`)."""
-        try:
-            index = faiss.read_index(os.fspath(path))
-        except RuntimeError as e:
-            raise ValueError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]})") from e
-        return cls(index, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search)
-
-    def memory_bytes(self) -> int:
-        """Bytes the searchable structure holds in memory (serialised index, or the torch key matrix)."""
-        if self._keys is not None:
-            return self._keys.numel() * self._keys.element_size()
-        if self._ivf is not None:
-            return self._ivf.memory_bytes()
-        index = self.index if self.backend == "faiss" else faiss.index_gpu_to_cpu(self.index)
-        return int(faiss.serialize_index(index).size)
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product for ``queries [B, d]``.
-
-        Returns ``(scores float32 [B, k], ids int64 [B, k])``, best first; where
-        fewer than ``k`` keys are found the missing ids are -1 and their scores -inf.
-        """
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be [B, {self.dim}], got {tuple(queries.shape)}")
-        if self._keys is not None:
-            return self._search_torch(queries, k)
-        if self._ivf is not None:
-            return self._ivf.search(queries, k)
-        x = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
-        scores, ids = self.index.search(x, k)
-        scores[ids < 0] = -np.inf
-        return scores, ids
-
-    def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        keys = self._keys
-        sims = queries.to(keys.device, keys.dtype) @ keys.T
-        found = min(k, keys.shape[0])
-        top, idx = torch.topk(sims, found, dim=1)
-        scores = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)
-        ids = np.full((queries.shape[0], k), -1, dtype=np.int64)
-        scores[:, :found] = top.float().cpu().numpy()
-        ids[:, :found] = idx.cpu().numpy()
-        return scores, ids
-
-
-def _reconstruct_all(index: faiss.Index, device: torch.device) -> torch.Tensor:
-    """All keys as one tensor on ``device``: fp16 on a GPU; fp32 on the CPU, where fp16 GEMM is slow.
-
-    Approximate indexes (PQ) give back their decoded, approximate keys.
-    """
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
     ivf = ivf_of(index)
-    if ivf is not None:
-        ivf.make_direct_map()
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    keys = torch.empty((index.ntotal, index.d), dtype=dtype, device=device)
-    for start in range(0, index.ntotal, _RECONSTRUCT_CHUNK):
-        n = min(_RECONSTRUCT_CHUNK, index.ntotal - start)
-        keys[start : start + n] = torch.from_numpy(index.reconstruct_n(start, n)).to(device, dtype)
-    return keys
-
-
-class TorchIVF:
-    """An IVF index searched with torch ops on any device: the GPU path that scales past exact search.
-
-    Holds the index's trained coarse centroids and its lists in list order: for IVF-PQ
-    with 8-bit codes the codes themselves (searched by lookup tables, as FAISS does), for
-    other IVF indexes the decoded keys (fp16 on a GPU). A query scores the centroids,
-    takes the ``nprobe`` best lists and ranks every key in them; a linear pre-transform
-    (OPQ) is applied to the queries first. Results match FAISS on the same index up to
-    float rounding (ties may swap).
-    """
-
-    def __init__(self, index: faiss.Index, device: torch.device, nprobe: int):
-        """Copy what search needs out of the FAISS ``index`` onto ``device``."""
-        ivf = ivf_of(index)
-        if ivf is None:
-            raise ValueError(f"TorchIVF needs an IVF index, not {type(index).__name__}")
-        self.device, self.nprobe = device, nprobe
-        self._transform = _linear_transforms(index, device)
-        self.centroids = torch.from_numpy(ivf.quantizer.reconstruct_n(0, ivf.nlist)).to(device)
-        invlists = ivf.invlists
-        sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
-        ids = np.empty(int(sizes.sum()), dtype=np.int64)
-        starts = np.concatenate(([0], np.cumsum(sizes)))
-        inner = faiss.downcast_index(ivf)
-        self._pq = isinstance(inner, faiss.IndexIVFPQ) and inner.pq.nbits == 8
-        codes = np.empty((len(ids), ivf.code_size), dtype=np.uint8) if self._pq else None
-        for i in np.flatnonzero(sizes):
-            ids[starts[i] : starts[i + 1]] = faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(sizes[i]))
-            if codes is not None:
-                raw = faiss.rev_swig_ptr(invlists.get_codes(int(i)), int(sizes[i]) * ivf.code_size)
-                codes[starts[i] : starts[i + 1]] = raw.reshape(-1, ivf.code_size)
-        self.sizes = torch.from_numpy(sizes).to(device)
-        self.starts = torch.from_numpy(starts[:-1]).to(device)
-        id_dtype = np.int32 if index.ntotal < 2**31 else np.int64  # 4 bytes a key where that is enough
-        self.ids = torch.from_numpy(ids.astype(id_dtype)).to(device)
-        if codes is not None:
-            pq = inner.pq
-            self.by_residual = bool(inner.by_residual)
-            self.codebooks = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)).to(
-                device
-            )
-            self.codes = torch.from_numpy(codes).to(device)
-        else:
-            self.keys = _reconstruct_ids(ivf, ids, device)
-
-    def memory_bytes(self) -> int:
-        """Bytes held on the device: centroids, ids, and codes or keys."""
-        tensors = [self.centroids, self.ids, self.sizes, self.starts]
-        tensors += [self.codebooks, self.codes] if self._pq else [self.keys]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product, as :meth:`SearchIndex.search`."""
-        q = queries.to(self.device, torch.float32)
-        for weight, bias in self._transform:
-            q = q @ weight.T + bias
-        batch = q.shape[0]
-        coarse, probe = torch.topk(q @ self.centroids.T, min(self.nprobe, self.centroids.shape[0]), dim=1)
-        counts = self.sizes[probe]  # [B, P] keys in each probed list
-        # One flat candidate list: segment s = (query, probe) holds keys starts[list] .. + counts.
-        flat_counts = counts.reshape(-1)
-        total = int(flat_counts.sum())
-        seg = torch.repeat_interleave(
-            torch.arange(flat_counts.numel(), device=self.device), flat_counts, output_size=total
-        )
-        within = torch.arange(total, device=self.device) - (torch.cumsum(flat_counts, 0) - flat_counts)[seg]
-        src = self.starts[probe].reshape(-1)[seg] + within
-        row = seg // probe.shape[1]
-        col = (torch.cumsum(counts, 1) - counts).reshape(-1)[seg] + within
-        if self._pq:
-            m = self.codebooks.shape[0]
-            luts = torch.einsum("bmd,mkd->bmk", q.view(batch, m, -1), self.codebooks).reshape(batch, -1)
-            cells = self.codes[src].long() + torch.arange(m, device=self.device) * self.codebooks.shape[1]
-            flat_scores = luts[row[:, None], cells].sum(dim=1)
-            if self.by_residual:
-                flat_scores = flat_scores + coarse.reshape(-1)[seg]
-        else:
-            flat_scores = (self.keys[src].float() * q[row]).sum(dim=1)
-        width = int(counts.sum(dim=1).max()) if batch else 0
-        scores = torch.full((batch, max(width, 1)), -torch.inf, device=self.device)
-        scores[row, col] = flat_scores
-        positions = torch.full((batch, max(width, 1)), -1, dtype=torch.long, device=self.device)
-        positions[row, col] = src
-        found = min(k, width)
-        out_scores = np.full((batch, k), -np.inf, dtype=np.float32)
-        out_ids = np.full((batch, k), -1, dtype=np.int64)
-        if found:
-            top, at = torch.topk(scores, found, dim=1)
-            pos = positions.gather(1, at)
-            ids = torch.where(torch.isfinite(top), self.ids[pos.clamp(min=0)].long(), -1)
-            out_scores[:, :found] = top.cpu().numpy()
-            out_ids[:, :found] = ids.cpu().numpy()
-        return out_scores, out_ids
-
-
-def _linear_transforms(index: faiss.Index, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``(A, b)`` of each pre-transform (``x -> A x + b``) in front of the IVF index."""
-    outer = faiss.downcast_index(index)
-    if not isinstance(outer, faiss.IndexPreTransform):
-        return []
-    out = []
-    for i in range(outer.chain.size()):
-        vt = faiss.downcast_VectorTransform(outer.chain.at(i))
-        if not isinstance(vt, faiss.LinearTransform):
-            raise ValueError(f"torch-ivf supports linear pre-transforms (OPQ, PCA), not {type(vt).__name__}")
-        weight = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in)
-        bias = faiss.vector_to_array(vt.b) if vt.have_bias else np.zeros(vt.d_out, dtype=np.float32)
-        out.append((torch.from_numpy(weight).to(device), torch.from_numpy(bias).to(device)))
-    return out
-
-
-def _reconstruct_ids(ivf: faiss.IndexIVF, ids: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The IVF index's decoded keys of ``ids``, in that order (fp16 on a GPU, fp32 on the CPU)."""
-    ivf.make_direct_map()
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    keys = torch.empty((len(ids), ivf.d), dtype=dtype, device=device)
-    for start in range(0, len(ids), _RECONSTRUCT_CHUNK):
-        part = ids[start : start + _RECONSTRUCT_CHUNK]
-        keys[start : start + len(part)] = torch.from_numpy(ivf.reconstruct_batch(part)).to(device, dtype)
-    ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    mapped = ivf is None or ivf.direct_map.type != faiss.DirectMap.NoMap
+    if not mapped:
+        ivf.make_direct_map()  # IVF lists are not addressable by id without it
+    n = index.ntotal if ids is None else len(ids)
+    keys = torch.empty((n, index.d), dtype=dtype, device=device)
+    for start in range(0, n, _RECONSTRUCT_CHUNK):
+        end = min(start + _RECONSTRUCT_CHUNK, n)
+        part = index.reconstruct_n(start, end - start) if ids is None else index.reconstruct_batch(ids[start:end])
+        keys[start:end] = torch.from_numpy(part).to(device, dtype)
+    if not mapped:
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # the map costs 8 bytes a key
     return keys

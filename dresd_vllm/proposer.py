@@ -15,9 +15,9 @@ from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
 from . import patches
 from .config import DresdConfig
-from .datastore import Datastore, tokenizer_fingerprint
+from .datastore import Datastore
 from .drafting import Drafter
-from .proposer_base import GuardedProposer, proposer_logger
+from .proposer_base import GuardedProposer, model_tokenizer_fingerprint, proposer_logger
 
 logger = proposer_logger(__name__)
 
@@ -124,12 +124,3 @@ def warn_dtype(built: str | None, served: torch.dtype, datastore: str) -> bool:
         datastore, built, served_name, built, served_name,
     )  # fmt: skip
     return True
-
-
-def model_tokenizer_fingerprint(model_config) -> str | None:
-    """The served tokenizer's fingerprint (None when vLLM runs without a tokenizer)."""
-    if model_config.skip_tokenizer_init:
-        return None
-    from vllm.tokenizers.registry import cached_tokenizer_from_config
-
-    return tokenizer_fingerprint(cached_tokenizer_from_config(model_config))

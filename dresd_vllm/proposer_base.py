@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 from vllm import envs
-from vllm.config import VllmConfig
+from vllm.config import ModelConfig, VllmConfig
 from vllm.logger import init_logger
+
+from .manifest import tokenizer_fingerprint
 
 
 def proposer_logger(name: str):
@@ -25,6 +27,15 @@ def proposer_logger(name: str):
 
 
 logger = proposer_logger(__name__)
+
+
+def model_tokenizer_fingerprint(model_config: ModelConfig) -> str | None:
+    """The served tokenizer's fingerprint (None when vLLM runs without a tokenizer)."""
+    if model_config.skip_tokenizer_init:
+        return None
+    from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+    return tokenizer_fingerprint(cached_tokenizer_from_config(model_config))
 
 
 class GuardedProposer:

@@ -8,9 +8,8 @@ import numpy as np
 from vllm.config import VllmConfig
 
 from .config import RestConfig
-from .datastore import DatastoreError
-from .proposer import model_tokenizer_fingerprint
-from .proposer_base import GuardedProposer
+from .manifest import DatastoreError
+from .proposer_base import GuardedProposer, model_tokenizer_fingerprint
 from .suffix_array import SEPARATOR, SuffixArrayStore
 
 

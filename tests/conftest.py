@@ -218,7 +218,7 @@ def rest_datastore(tiny_model: str, plain_outputs: list, tmp_path_factory: pytes
     """A REST datastore of the tiny model's own greedy outputs for the test prompts (prompt + answer)."""
     from transformers import AutoTokenizer
 
-    from dresd_vllm.datastore import tokenizer_fingerprint
+    from dresd_vllm.manifest import tokenizer_fingerprint
     from dresd_vllm.suffix_array import write_rest_datastore
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -14,16 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from dresd_vllm.datastore import (
-    FORMAT_VERSION,
-    Datastore,
-    DatastoreError,
-    Manifest,
-    token_store_from_sequences,
-    tokenizer_fingerprint,
-    write_datastore,
-)
+from dresd_vllm.datastore import Datastore
+from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
 from dresd_vllm.index import build_index
+from dresd_vllm.manifest import FORMAT_VERSION, DatastoreError, Manifest, tokenizer_fingerprint
 from dresd_vllm.projection import Projection
 
 H, D, VOCAB, N_NEXT, EOS = 32, 8, 50, 4, 1
@@ -246,10 +240,11 @@ def test_tokenizer_fingerprint():
 # A child that writes a datastore; `rename_blocks` stops it just before the final rename.
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     import numpy as np
     import faiss
-    from dresd_vllm import datastore
+    from dresd_vllm.datastore_writer import write_datastore
+    from dresd_vllm.manifest import Manifest
     from dresd_vllm.projection import Projection
 
     path, num_tokens, rename_blocks = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
@@ -257,17 +252,17 @@ CHILD = textwrap.dedent(
         def rename(src, dst):
             print("RENAMING", flush=True)
             time.sleep(600)
-        datastore.os.rename = rename
+        os.rename = rename
     states = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
     projection = Projection(np.zeros(16), np.ones(16), np.eye(4, 16), np.zeros(16))  # no sklearn import: faster
     tokens = np.zeros(num_tokens, dtype=np.int32)
     offsets = np.arange(200, dtype=np.int64)
-    manifest = datastore.Manifest(
+    manifest = Manifest(
         model="m", hidden_size=16, vocab_size=10, tokenizer_fingerprint=None, template="t",
         n_next=4, pca_dim=4, num_keys=200, index_factory="Flat",
     )
     print("WRITING", flush=True)
-    datastore.write_datastore(path, manifest, projection, projection.transform(states), tokens, offsets)
+    write_datastore(path, manifest, projection, projection.transform(states), tokens, offsets)
     print("DONE", flush=True)
     """
 )

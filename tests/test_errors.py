@@ -18,7 +18,8 @@ from conftest import GREEDY_MAX_TOKENS, K
 from vllm import SamplingParams
 
 from build_tools.data import InputError, load_rows
-from dresd_vllm.datastore import Manifest, token_store_from_sequences, write_datastore
+from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
+from dresd_vllm.manifest import Manifest
 from dresd_vllm.projection import Projection
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS)

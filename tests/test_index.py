@@ -8,8 +8,6 @@ import torch
 from dresd_vllm.evaluation import exact_neighbours, recall_at_k, self_retrieval_mrr
 from dresd_vllm.index import (
     PQ_CODE,
-    SearchIndex,
-    auto_backend,
     auto_factory,
     build_index,
     empty_copy,
@@ -22,6 +20,7 @@ from dresd_vllm.index import (
     train_index,
     train_rows,
 )
+from dresd_vllm.search import SearchIndex, auto_backend
 
 D = 64
 

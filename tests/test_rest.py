@@ -6,7 +6,7 @@ from conftest import GREEDY_MAX_TOKENS, K
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 
-from dresd_vllm.datastore import tokenizer_fingerprint
+from dresd_vllm.manifest import tokenizer_fingerprint
 from dresd_vllm.suffix_array import SuffixArrayStore, spread_sample, suffix_array, write_rest_datastore
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS)

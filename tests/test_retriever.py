@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from dresd_vllm.datastore import Datastore, Manifest, token_store_from_sequences, write_datastore
+from dresd_vllm.datastore import Datastore
+from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
+from dresd_vllm.manifest import Manifest
 from dresd_vllm.projection import Projection
 from dresd_vllm.retriever import Retriever, RetrieverStats, merge_trie
 
