@@ -27,8 +27,8 @@ import torch
 from build_tools.cli import comma_list
 from dresd_vllm.datastore import Datastore
 from dresd_vllm.evaluation import recall_at_k, self_retrieval_mrr
-from dresd_vllm.index import BACKENDS
 from dresd_vllm.retriever import MERGES, Retriever
+from dresd_vllm.search import BACKENDS
 
 from .report import finish, fmt, markdown_table, table
 from .synthetic import SyntheticSettings, open_or_build, peak_rss_mb
