@@ -1,5 +1,6 @@
 """The datastore format: token store layout, round trip, atomic writes (with a real SIGKILL), bad input."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -268,14 +270,23 @@ CHILD = textwrap.dedent(
 )
 
 
-def _child(path: Path, num_tokens: int, rename_blocks: bool) -> subprocess.Popen:
-    return subprocess.Popen(
+@contextlib.contextmanager
+def _sigkilled_child(path: Path, num_tokens: int, rename_blocks: bool) -> Iterator[subprocess.Popen]:
+    """The CHILD writer, SIGKILLed when the block ends (and killed anyway if the block fails)."""
+    child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(path), str(num_tokens), "1" if rename_blocks else "0"],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+    try:
+        yield child
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGKILL
 
 
 def _assert_no_datastore(path: Path) -> None:
@@ -286,15 +297,9 @@ def _assert_no_datastore(path: Path) -> None:
 
 def test_sigkill_before_the_rename_leaves_no_datastore(tmp_path):
     path = tmp_path / "ds"
-    child = _child(path, 10_000, rename_blocks=True)
-    try:
+    with _sigkilled_child(path, 10_000, rename_blocks=True) as child:
         lines = [child.stdout.readline().strip() for _ in range(2)]
         assert lines == ["WRITING", "RENAMING"]
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        child.kill()
-    assert child.returncode == -signal.SIGKILL
     _assert_no_datastore(path)
     leftovers = list(tmp_path.glob(".ds.tmp-*"))
     assert len(leftovers) == 1 and (leftovers[0] / "manifest.json").is_file()  # everything written but the rename
@@ -302,17 +307,11 @@ def test_sigkill_before_the_rename_leaves_no_datastore(tmp_path):
 
 def test_sigkill_while_writing_a_large_store_leaves_no_datastore(tmp_path):
     path = tmp_path / "ds"
-    child = _child(path, 16_000_000, rename_blocks=False)  # 64 MB of tokens
-    try:
+    with _sigkilled_child(path, 16_000_000, rename_blocks=False) as child:  # 64 MB of tokens
         assert child.stdout.readline().strip() == "WRITING"
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".ds.tmp-*/tokens.npy")):  # kill while the big file is being written
             assert time.monotonic() < deadline and child.poll() is None
             time.sleep(0.001)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        child.kill()
-    assert child.returncode == -signal.SIGKILL
     _assert_no_datastore(path)
     assert not list(tmp_path.glob(".ds.tmp-*/manifest.json"))
