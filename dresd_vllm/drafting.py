@@ -25,85 +25,18 @@ from .context import ContextSource
 from .datastore import Datastore
 from .online_store import OnlineStore
 from .retriever import Retriever
+from .scoring import CONTEXT, CONTEXT_BUCKETS, DENSE, DENSE_BUCKETS, Scorer, conditional, cut, gain, pick
 
-SOURCES = ("dense", "context")
-DENSE, CONTEXT = 0, 1
-BINS = 10  # feature bins of width 0.1
-DEPTHS = 4  # draft positions 0, 1, 2, 3+
-# Strength buckets: survivors of the first-token filter (dense), tokens matched (context).
-DENSE_BUCKETS = np.array([2, 4, 7])  # 1, 2-3, 4-6, 7+ survivors
-CONTEXT_BUCKETS = np.array([3, 6, 12])  # 1-2, 3-5, 6-11, 12+ tokens matched
-BUCKETS = 4
-# Weight of the prior (the raw feature) in tokens-worth of evidence per cell.
-PRIOR_WEIGHT = 8.0
 # The running mean of tokens per request and step adapts with this rate.
 TOKENS_PER_STEP_RATE = 0.02
-# What one verified draft token per request adds to a step's time, as a share of the step, at batch 1
-# when the user gives no token_cost: measured on this project's CPU machine (+50% for 10 tokens on the
-# tiny model, +20% for 5.5 on SmolLM2), and a guess for a memory-bound GPU step. Scaled by the batch.
-CPU_TOKEN_COST = 0.04
-GPU_TOKEN_COST = 0.004
-
-
-class Scorer:
-    """Estimated acceptance per draft position, calibrated online from what each request accepted."""
-
-    def __init__(self, adapt: bool = True):
-        self.adapt = adapt
-        shape = (len(SOURCES), BUCKETS, DEPTHS, BINS)
-        centres = (np.arange(BINS, dtype=np.float64) + 0.5) / BINS
-        self.prior = np.broadcast_to(centres, shape).reshape(-1).copy()
-        self.trials = np.zeros(self.prior.shape)
-        self.accepted = np.zeros(self.prior.shape)
-
-    def cells(self, source: int | np.ndarray, conditional: np.ndarray, bucket: np.ndarray) -> np.ndarray:
-        """Flat cell index ``[B, W]`` of each position: (source (one, or one per row), bucket [B], depth, bin)."""
-        width = conditional.shape[1]
-        depth = np.minimum(np.arange(width), DEPTHS - 1)
-        bins = np.clip((conditional * BINS).astype(np.int64), 0, BINS - 1)
-        return ((source * BUCKETS + bucket)[:, None] * DEPTHS + depth) * BINS + bins
-
-    def probability(self, cells: np.ndarray) -> np.ndarray:
-        """P(accepted | the position before was) of each cell."""
-        return (self.accepted[cells] + PRIOR_WEIGHT * self.prior[cells]) / (self.trials[cells] + PRIOR_WEIGHT)
-
-    def update(self, cells: np.ndarray, accepted: int) -> None:
-        """A draft over ``cells`` (in order) had its first ``accepted`` tokens accepted."""
-        if not self.adapt:
-            return
-        reached = cells[: accepted + 1]
-        np.add.at(self.trials, reached, 1.0)
-        np.add.at(self.accepted, cells[:accepted], 1.0)
-
-    def table(self) -> dict[str, list]:
-        """The calibration table as nested lists [source][bucket][depth][bin] (for reports)."""
-        shape = (len(SOURCES), BUCKETS, DEPTHS, BINS)
-        return dict(
-            probability=self.probability(np.arange(self.prior.size)).reshape(shape).round(4).tolist(),
-            trials=self.trials.reshape(shape).astype(int).tolist(),
-        )
-
-
-def conditional(cumulative: np.ndarray) -> np.ndarray:
-    """Per-position ratios of a non-increasing chain feature ``[B, W]`` (the chance given the position before)."""
-    before = np.concatenate([np.ones((cumulative.shape[0], 1), np.float32), cumulative[:, :-1]], axis=1)
-    return np.divide(cumulative, before, out=np.zeros_like(cumulative), where=before > 0)
-
-
-def cut(reach: np.ndarray, threshold: np.ndarray | float) -> np.ndarray:
-    """Lengths ``[B]``: the longest prefix whose chance of being reached and accepted is >= ``threshold``."""
-    return np.logical_and.accumulate(reach >= np.reshape(threshold, (-1, 1)), axis=1).sum(axis=1)
-
-
-def gain(reach: np.ndarray, lengths: np.ndarray, threshold: np.ndarray | float) -> np.ndarray:
-    """Expected accepted tokens of each cut chain, less the cost of verifying them (in tokens)."""
-    kept = np.arange(reach.shape[1]) < lengths[:, None]
-    return np.where(kept, reach - np.reshape(threshold, (-1, 1)), 0.0).sum(axis=1)
-
-
-def pick(gains: np.ndarray) -> np.ndarray:
-    """Source per request ``[B]`` from ``gains [S, B]``: the largest, ties to the first (dense)."""
-    return gains.argmax(axis=0)
+# What one more verified draft token per request adds to a step's time, as a share of the step, when the
+# user gives no token_cost: TOKEN_COST * batch ** TOKEN_COST_EXPONENT, at most 1. Fitted to this project's
+# CPU machine (vLLM's step): at batch 1, +50% for 10 draft tokens on the tiny model and +20% for 5.5 on
+# SmolLM2-135M (0.04 a token); through the server at concurrency 16 on SmolLM2, +48% for 0.49 draft
+# tokens per request (0.98: the step is compute-bound, its time proportional to the tokens it verifies).
+# The GPU's is a guess for a step that stays memory-bound.
+TOKEN_COST = {"cpu": 0.04, "cuda": 0.004}
+TOKEN_COST_EXPONENT = {"cpu": 1.15, "cuda": 1.0}
 
 
 @dataclasses.dataclass
@@ -117,6 +50,7 @@ class DrafterStats:
     context_s: float = 0.0
     score_s: float = 0.0
     online_keys: int = 0  # keys in the online store now
+    stood_down: int = 0  # steps with no search: at that batch size no draft token could pay for itself
 
 
 class Drafter:
@@ -160,8 +94,8 @@ class Drafter:
             return self.config.token_cost
         # At batch 1 a step mostly reads weights; each request's extra token costs more as the batch fills
         # the compute, until one more token per request costs about a step.
-        base = GPU_TOKEN_COST if self.device_type == "cuda" else CPU_TOKEN_COST
-        return min(base * batch, 1.0)
+        device = "cuda" if self.device_type == "cuda" else "cpu"
+        return min(TOKEN_COST[device] * batch ** TOKEN_COST_EXPONENT[device], 1.0)
 
     def step(
         self,
@@ -186,17 +120,22 @@ class Drafter:
         # -1 never matches a stored token: partial prefills (no token sampled) get no draft.
         last_tokens = np.fromiter((t[-1] if t else -1 for t in sampled_token_ids), np.int64, batch)
         width = int(max_len.max(initial=0))
+        threshold = self.token_cost(batch) * self.tokens_per_step if self.length_control else 0.0
+        if width > 0 and threshold >= self.scorer.best():
+            # No position can be worth verifying: skip the searches, keep the stores and trees current.
+            width = 0
+            self.stats.stood_down += 1
         start = time.perf_counter()
         keys = self.datastore.projection(verified) if verified.shape[0] else None
         self.retriever.stats.projection_s += time.perf_counter() - start
 
         sources: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (source, tokens, cumulative, bucket)
+        if self.online is not None:
+            self.online.fill(req_ids, token_ids, num_tokens)
         dense_width = min(width, self.datastore.n_next)
         if keys is not None and dense_width > 0:
             ends = np.cumsum(counts) - 1
             queries = keys[torch.from_numpy(np.maximum(ends, 0)).to(keys.device)]
-            if self.online is not None:
-                self.online.fill(req_ids, token_ids, num_tokens)
             dense = self.retriever.candidates(queries, last_tokens, dense_width, self.online)
             tokens = np.full((batch, width), -1, dtype=np.int64)
             support = np.zeros((batch, width), dtype=np.float32)
@@ -223,7 +162,6 @@ class Drafter:
 
         # Every source's chains are scored in one pass: row s * batch + i is source s's chain of request i.
         start = time.perf_counter()
-        threshold = self.token_cost(batch) * self.tokens_per_step if self.length_control else 0.0
         kinds = [source for source, *_ in sources]
         tokens = np.concatenate([t for _, t, _, _ in sources])
         cells = self.scorer.cells(

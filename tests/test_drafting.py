@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from dresd_vllm.config import DresdConfig
 from dresd_vllm.context import ContextSource
-from dresd_vllm.drafting import CONTEXT, DENSE, Scorer, conditional, cut, gain, pick
+from dresd_vllm.datastore import Datastore
+from dresd_vllm.drafting import Drafter
 from dresd_vllm.online_store import OnlineStore
+from dresd_vllm.scoring import CONTEXT, DENSE, Scorer, conditional, cut, gain, pick
 
 
 def unit(rows: list[list[float]]) -> torch.Tensor:
@@ -106,3 +109,27 @@ def test_cut_gain_and_pick():
 def test_conditional_ratios_of_a_chain():
     cumulative = np.array([[0.8, 0.4, 0.4, 0.0]], np.float32)
     assert conditional(cumulative)[0].tolist() == pytest.approx([0.8, 0.5, 1.0, 0.0])
+
+
+def test_drafter_stands_down_where_no_draft_token_can_pay(own_datastore):
+    """At batch 16 a CPU step is compute-bound: no search, no draft, but the context trees stay current."""
+    datastore = Datastore.load(own_datastore)
+    drafter = Drafter(datastore, DresdConfig.from_dict({"datastore": own_datastore}))
+    batch, hidden = 16, datastore.manifest.hidden_size
+    pattern = [5, 6, 7, 8, 9, 1, 2, 3]
+    token_ids = np.array([pattern * 8] * batch)
+    req_ids = [f"r{i}" for i in range(batch)]
+    for n in range(20, 30):
+        sampled = [[int(token_ids[i, n - 1])] for i in range(batch)]
+        states = torch.randn(batch, hidden)
+        drafts = drafter.step(req_ids, sampled, np.full(batch, n), token_ids, states, np.full(batch, 5))
+        assert drafts == [[]] * batch
+    assert drafter.stats.stood_down == 10 and drafter.retriever.stats.search_s == 0.0
+    assert drafter.stats.online_keys == 10 * batch  # the online store still learns
+
+    # Alone, the request drafts again, from a context tree that saw every token while standing down.
+    n = 30
+    sampled = [[int(token_ids[0, n - 1])]]
+    drafts = drafter.step(req_ids[:1], sampled, np.array([n]), token_ids[:1], torch.randn(1, hidden), np.array([5]))
+    assert drafts == [token_ids[0, n : n + 5].tolist()]
+    assert drafter.stats.stood_down == 10
