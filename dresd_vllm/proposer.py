@@ -103,7 +103,7 @@ class DresdProposer(GuardedProposer):
             stats[f"{stage}_ms_per_step"] = 1e3 * drafter[f"{stage}_s"] / steps
         stats["hits"], stats["survivors"] = retriever["hits"], retriever["survivors"]
         stats["online_survivors"] = retriever["online_survivors"]
-        for name in ("picked_dense", "picked_context", "dense_tokens", "context_tokens", "online_keys"):
+        for name in ("picked_dense", "picked_context", "dense_tokens", "context_tokens", "online_keys", "stood_down"):
             stats[name] = drafter[name]
         stats["threads_changed_steps"] = self._threads_changed_steps
         return stats
