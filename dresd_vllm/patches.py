@@ -1,4 +1,4 @@
-"""Every patch of vLLM internals that dresd-vllm needs, in one place, applied once per process.
+"""Every patch of vLLM internals that dresd-vllm makes, in one registry, each applied once per process.
 
 1. `EngineArgs.create_speculative_config`: `{"method": "dresd" | "rest", ...}` becomes vLLM's custom_class
    form (vLLM's `method` is a closed Literal and `SpeculativeConfig` forbids extra keys).
@@ -19,12 +19,23 @@
    outputs changed, and sampled ones were drawn from the wrong distribution, with every
    speculative method (vLLM's ngram too). All-greedy batches never call it. Replaced only where a
    probe shows vLLM's own implementation leaves its output unwritten.
+6. `dresd-bench` only, on request (`apply_to_runner`): one model runner's `propose_draft_token_ids`
+   and `execute_model` get a clock and step counters.
+
+`apply()` makes 1-5 (vLLM's plugin hook calls it in every vLLM process, the proposers call it too)
+and logs a line per patch. `DRESD_VLLM_PATCHES=0` leaves vLLM unpatched; what cannot run without a
+patch (DReSD needs the hidden-state capture) then refuses to start, naming the variable.
 
 Written against vLLM 0.32 (V1 engine); checked at start-up, with a loud error otherwise.
 """
 
 import functools
 import inspect
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +43,8 @@ from packaging.version import Version
 from vllm.logger import init_logger
 
 SUPPORTED_VLLM = (Version("0.32"), Version("0.34"))  # [low, high)
+SWITCH = "DRESD_VLLM_PATCHES"
+"""Environment variable: 0 (or false, off, no) leaves vLLM unpatched."""
 _PROPOSE_PARAMS = [
     "self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
     "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata",
@@ -39,19 +52,84 @@ _PROPOSE_PARAMS = [
 ]  # fmt: skip
 logger = init_logger(f"vllm.{__name__}")
 _EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
-_applied = False
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One change to vLLM: `target` is what it replaces or adds (for the log line), `make` makes it."""
+
+    name: str
+    target: str
+    make: Callable[..., Any]
+    per_runner: bool = False
+    """Made on one model runner on request (`apply_to_runner`), not by `apply()`."""
+
+
+PATCHES: dict[str, Patch] = {}
+"""The registry, in the order `apply()` makes the patches."""
+_applied: set[str] = set()
+
+
+def _patch(target: str, per_runner: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(make: Callable[..., Any]) -> Callable[..., Any]:
+        PATCHES[make.__name__] = Patch(make.__name__, target, make, per_runner)
+        return make
+
+    return register
+
+
+def enabled() -> bool:
+    """False when the environment switch (`DRESD_VLLM_PATCHES=0`) turns patching off."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def apply() -> None:
-    """Apply all patches (idempotent). Raises RuntimeError on an unsupported vLLM."""
-    global _applied
-    if _applied:
+    """Make every registered process patch not made yet, logging each (idempotent).
+
+    Raises RuntimeError on an unsupported vLLM, before anything is patched. With the switch off
+    (`DRESD_VLLM_PATCHES=0`) nothing is patched; `require` refuses the methods that need a patch.
+    """
+    if not enabled():
+        _log_off(os.environ[SWITCH])
         return
+    pending = [p for p in PATCHES.values() if not p.per_runner and p.name not in _applied]
+    if not pending:
+        return
+    _check_vllm()
+    for patch in pending:
+        patch.make()
+        _applied.add(patch.name)
+        logger.info("dresd-vllm: patched %s (%s)", patch.target, patch.name)
+
+
+@functools.cache
+def _log_off(value: str) -> None:
+    logger.warning("dresd-vllm: %s=%s: vLLM is left unpatched; the dresd method cannot run", SWITCH, value)
+
+
+def require(method: str, name: str) -> None:
+    """Apply the patches; RuntimeError naming the switch when patch `name`, which `method` needs, is off."""
+    if not enabled():
+        raise RuntimeError(
+            f"{method} needs dresd-vllm's patch of {PATCHES[name].target} ({name}), and {SWITCH}="
+            f"{os.environ[SWITCH]} turns patching off; unset {SWITCH} to run {method}"
+        )
+    apply()
+
+
+def apply_to_runner(worker: Any, name: str) -> None:
+    """Make per-runner patch `name` on this worker's model runner (run it in the worker: `collective_rpc`)."""
+    require("dresd-bench", name)
+    patch = PATCHES[name]
+    if not patch.per_runner:
+        raise ValueError(f"{name} patches vLLM's classes; apply() makes it")
+    if patch.make(worker.model_runner):
+        logger.info("dresd-vllm: patched %s of this %s (%s)", patch.target, type(worker.model_runner).__name__, name)
+
+
+def _check_vllm() -> None:
     import vllm
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    from vllm.v1.worker.worker_base import WorkerBase
 
     version = Version(Version(vllm.__version__).base_version)
     low, high = SUPPORTED_VLLM
@@ -66,16 +144,43 @@ def apply() -> None:
             f"vllm {vllm.__version__}: GPUModelRunner.propose_draft_token_ids{tuple(params)} is not the "
             f"signature dresd-vllm patches {tuple(_PROPOSE_PARAMS)}; this vLLM build is not supported"
         )
+
+
+@_patch("EngineArgs.create_speculative_config")
+def speculative_methods() -> None:
+    """Item 1 of the module docstring: `"method": "dresd" | "rest"`."""
+    from vllm.engine.arg_utils import EngineArgs
+
     EngineArgs.create_speculative_config = _rewrite_dresd_method(EngineArgs.create_speculative_config)
+
+
+@_patch("GPUModelRunner.propose_draft_token_ids")
+def capture_hidden_states() -> None:
+    """Item 2: the verified hidden states reach the drafter."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
     GPUModelRunner.propose_draft_token_ids = _capture_hidden_states(GPUModelRunner.propose_draft_token_ids)
+
+
+@_patch("WorkerBase.dresd_stats")
+def worker_stats() -> None:
+    """Item 3: `collective_rpc("dresd_stats")`."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
     WorkerBase.dresd_stats = _worker_dresd_stats
+
+
+@_patch("CpuPlatform.register_triton_kernel_overrides, cpu_triton_utils._expand_kernel_impl")
+def cpu_kernel_overrides() -> None:
+    """Items 4 and 5 (CPU build only): registered once per process, with a working `expand_kernel`."""
+    from vllm.platforms import current_platform
+
     if current_platform.is_cpu():
         from vllm.platforms.cpu import CpuPlatform
 
         register = CpuPlatform.register_triton_kernel_overrides.__func__
         CpuPlatform.register_triton_kernel_overrides = classmethod(functools.cache(_fix_cpu_expand(register)))
         _fix_registered_cpu_expand()
-    _applied = True
 
 
 def _rewrite_dresd_method(create_speculative_config):
@@ -199,3 +304,48 @@ def _fix_registered_cpu_expand() -> None:
 def _worker_dresd_stats(worker) -> dict | None:
     stats = getattr(getattr(worker.model_runner, "drafter", None), "stats", None)
     return stats() if callable(stats) else None
+
+
+@_patch("propose_draft_token_ids, execute_model", per_runner=True)
+def proposer_timer(runner: Any) -> bool:
+    """Item 6: wrap this runner's `propose_draft_token_ids` with counters and a clock, and count the request
+    steps (requests scheduled, summed over steps) in `execute_model`; False when it already was.
+
+    The request steps are what tokens per step divides by (vLLM's accepted-token counter also counts
+    tokens that max_tokens cut). They are counted in `execute_model`, which runs every step, not in
+    the drafter: vLLM skips the drafter in a step whose longest sequence + k exceeds max_model_len
+    (`_input_fits_in_drafter`) and schedules k placeholder (zero) draft tokens for the next step
+    instead, which its spec-decode counters count as a draft.
+    """
+    if hasattr(runner, "proposer_timer"):
+        return False
+    propose = runner.propose_draft_token_ids
+    execute = runner.execute_model
+    runner.proposer_timer = [0, 0.0, 0]
+    # A GPU drafter returns before its kernels finish; wait for them so its time is counted, not deferred.
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+
+    def counted(*args, **kwargs):
+        scheduler_output = args[0] if args else kwargs["scheduler_output"]
+        runner.proposer_timer[2] += len(scheduler_output.num_scheduled_tokens)
+        return execute(*args, **kwargs)
+
+    def timed(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        try:
+            return propose(*args, **kwargs)
+        finally:
+            sync()
+            runner.proposer_timer[0] += 1
+            runner.proposer_timer[1] += time.perf_counter() - start
+
+    runner.propose_draft_token_ids = timed
+    runner.execute_model = counted
+    return True
+
+
+def read_proposer_timer(worker: Any) -> tuple[int, float, int]:
+    """Runs in the worker: (drafter calls, seconds in them, request steps) counted by `proposer_timer`."""
+    steps, seconds, request_steps = worker.model_runner.proposer_timer
+    return steps, seconds, request_steps

@@ -21,8 +21,6 @@ from .proposer_base import GuardedProposer, model_tokenizer_fingerprint, propose
 
 logger = proposer_logger(__name__)
 
-patches.apply()  # the plugin-free custom_class form still needs the hidden-state capture
-
 
 class DresdProposer(GuardedProposer):
     """Drafts by dense retrieval of the target model's own hidden states, and from each request's context."""
@@ -30,6 +28,9 @@ class DresdProposer(GuardedProposer):
     method = "dresd"
 
     def __init__(self, vllm_config: VllmConfig):
+        # Built in the runner's __init__, before its first step: the plugin-free custom_class form gets the
+        # hidden-state capture here.
+        patches.require(self.method, "capture_hidden_states")
         super().__init__(vllm_config)
         self.config = DresdConfig.from_dict(self.options)
         model_config = vllm_config.model_config

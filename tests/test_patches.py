@@ -23,7 +23,7 @@ def unapplied(monkeypatch):
     ):
         if hasattr(owner, name):
             monkeypatch.setattr(owner, name, getattr(owner, name))
-    monkeypatch.setattr(patches, "_applied", False)
+    monkeypatch.setattr(patches, "_applied", set())
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0"])
