@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
 
 from dresd_vllm.projection import Projection
 
@@ -40,9 +42,13 @@ class DatastoreError(Exception):
     """A datastore that is missing, damaged or unfit for the model; the message names the file or field."""
 
 
-@dataclasses.dataclass
+@dataclass(config=ConfigDict(strict=True, extra="forbid"))
 class Manifest:
-    """What a datastore holds and what it was built from (``manifest.json``)."""
+    """What a datastore holds and what it was built from (``manifest.json``).
+
+    Checked by pydantic whenever one is made (strict: JSON ``true`` or ``2.0`` is not a count),
+    so a manifest that is written is one that reads back.
+    """
 
     model: str  # name or path of the target model
     hidden_size: int
@@ -77,30 +83,22 @@ class Manifest:
                 f"{source}: format_version is {version!r}, expected {FORMAT_VERSION} (the version this "
                 "dresd_vllm reads); rebuild the datastore or use a matching dresd_vllm"
             )
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise DatastoreError(f"{source}: unknown fields {unknown} for format_version {FORMAT_VERSION}")
-        for name, f in fields.items():
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if name not in data:
-                if required:
-                    raise DatastoreError(f"{source}: missing field {name!r}")
-                continue
-            if not _has_type(data[name], f.type):
-                raise DatastoreError(f"{source}: field {name!r} is {data[name]!r}, expected {f.type}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise DatastoreError(f"{source}: {_explain(e.errors(), data)}") from None
 
 
-def _has_type(value: Any, annotation: str) -> bool:
-    # Annotations are strings under `from __future__ import annotations`.
-    checks = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-    }
-    checks["dict[str, Any]"] = lambda v: isinstance(v, dict)
-    options = [a.strip() for a in annotation.split("|")]
-    return any(value is None if a == "None" else checks[a](value) for a in options)
+def _explain(errors: list[Any], data: dict[str, Any]) -> str:
+    """The first problem, in the words of a manifest: unknown fields (all of them), a missing one, a bad value."""
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "unexpected_keyword_argument")
+    if unknown:
+        return f"unknown fields {unknown} for format_version {FORMAT_VERSION}"
+    name = str(errors[0]["loc"][0])
+    if errors[0]["type"] == "missing":
+        return f"missing field {name!r}"
+    expected = {f.name: f.type for f in dataclasses.fields(Manifest)}[name]  # the annotation, e.g. "int | None"
+    return f"field {name!r} is {data[name]!r}, expected {expected}"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

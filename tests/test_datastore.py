@@ -159,6 +159,8 @@ def test_write_validates_its_parts(parts, tmp_path):
     index = build_index(parts.keys, "Flat")
     with pytest.raises(DatastoreError, match="index_factory: 'auto' describes keys to index, not a built index"):
         write_datastore(tmp_path / "x", auto, parts.projection, index, parts.tokens, parts.offsets)
+    with pytest.raises(ValueError, match="n_next\n  Input should be a valid integer"):  # 4.0 would not read back
+        dataclasses.replace(parts.manifest, n_next=float(N_NEXT))
     assert not any(tmp_path.iterdir())
 
 
@@ -184,6 +186,9 @@ def _edit_manifest(store: Path, **changes) -> None:
         (lambda s: _edit_manifest(s, format_version=2), "manifest.json: format_version is 2, expected 1"),
         (lambda s: _edit_manifest(s, n_next=None), "manifest.json: missing field 'n_next'"),
         (lambda s: _edit_manifest(s, hidden_size="32"), "manifest.json: field 'hidden_size' is '32', expected int"),
+        (lambda s: _edit_manifest(s, n_next=True), "manifest.json: field 'n_next' is True, expected int"),
+        (lambda s: _edit_manifest(s, nprobe=2.0), r"manifest.json: field 'nprobe' is 2.0, expected int \| None"),
+        (lambda s: _edit_manifest(s, build=[]), r"manifest.json: field 'build' is \[\], expected dict\[str, Any\]"),
         (lambda s: _edit_manifest(s, colour="red"), r"manifest.json: unknown fields \['colour'\]"),
         (lambda s: (s / "index.faiss").unlink(), "index.faiss: missing from the datastore"),
         (lambda s: (s / "tokens.npy").unlink(), "tokens.npy: missing from the datastore"),
