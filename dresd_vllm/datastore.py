@@ -43,6 +43,7 @@ class Datastore:
         tokens: np.ndarray,
         offsets: np.ndarray,
     ):
+        """Parts already checked against each other; :meth:`load` is how a datastore is opened."""
         self.path = path
         self.manifest = manifest
         self.projection = projection
@@ -117,6 +118,7 @@ class Datastore:
 
     @property
     def n_next(self) -> int:
+        """Draft tokens stored per key (each key's value holds ``n_next + 1`` tokens)."""
         return self.manifest.n_next
 
     def first_tokens(self, ids: np.ndarray) -> np.ndarray:
