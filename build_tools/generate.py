@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from build_tools.data import InputError, Template, differences, get_text, load_rows
-from build_tools.embed import check_length, close_llm, load_tokenizer, make_llm, task_sequences, unbatch
+from build_tools.embed import check_length, load_tokenizer, shard_task, task_sequences, unbatch
+from build_tools.engine import close_llm, make_llm
 from build_tools.ray_jobs import ShardRunner
 from dresd_vllm.atomic import write_atomic
 
@@ -164,8 +165,7 @@ def run_generate(args: Namespace) -> dict[str, Any]:
             continue
         ids = template.encode_prompts(prompts[a:b])
         tokens = np.array([t for s in ids for t in s], dtype=np.int32)
-        lengths = np.array([len(s) for s in ids], dtype=np.int64)
-        tasks.append({"shard": shard, "start": a, "tokens": tokens.tobytes(), "lengths": lengths.tobytes()})
+        tasks.append(shard_task(shard, tokens, np.array([len(s) for s in ids]), start=a))
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     runner = ShardRunner(
         GenerateWorker,
