@@ -144,7 +144,7 @@ def test_proposer_fault_leaves_outputs_unchanged(tiny_model, prompts, plain_outp
     [
         ({"datastore": "/nonexistent/ds"}, "is not a directory"),
         ({"top_kk": 5}, "unknown key(s) ['top_kk']"),
-        ({"top_k": "50"}, "'top_k' must be int"),
+        ({"top_k": "50"}, "'top_k' must be a valid integer"),
         ({"merge": "best"}, "'merge' must be 'trie' or 'top1'"),
     ],
 )
