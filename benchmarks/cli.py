@@ -21,7 +21,7 @@ from build_tools.data import TEMPLATES, InputError
 from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_DRAFT_MODEL, ModelMissingError, check_default_model
 
 from . import retrieval
-from .inputs import KINDS
+from .inputs import KINDS, engine_environment
 
 # Set by dresd-bench itself: the batch size is --batch-size (or the concurrency), the rest per method.
 _RESERVED_ENGINE_ARGS = {"model", "speculative_config", "max_num_seqs", "max_model_len", "seed", "disable_log_stats"}
@@ -214,6 +214,7 @@ def _prepare(args: argparse.Namespace, k: int):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dresd-bench` console script; see the module docstring for the exit status."""
     args = parser().parse_args(argv)
+    engine_environment(offline=args.command in ("compare", "serve", "sweep"))
     if args.command == "retrieval":
         return int(retrieval.run(args) or 0)
     try:

@@ -23,9 +23,6 @@ PURE_DRESD = {"context": False, "online_store": False, "length_control": False}
 # so warming up on a measured prompt would hand it that prompt's answer.
 WARMUP_PROMPT = "Write a short greeting."
 
-# The CPU KV cache size of the design notes (GiB; vLLM's default takes a share of all memory).
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
 
 @dataclass(frozen=True)
 class Method:
@@ -223,6 +220,23 @@ def make_settings(args: Namespace, prompts: Prompts, k: int) -> Settings:
         max_model_len=args.max_model_len or room,
         engine_args=args.engine_args,
     )
+
+
+def engine_environment(offline: bool) -> None:
+    """Set dresd-bench's vLLM environment; the user's own settings win. Call before the first engine starts.
+
+    `offline`: for the commands that start `vllm.LLM` engines in this process (compare, sweep); serve
+    keeps the settings it always had, which its servers inherit.
+    """
+    # The CPU KV cache size of the design notes (GiB; vLLM's default takes a share of all memory).
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if offline:
+        # In-process engines start in seconds rather than ~20 s on the CPU.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # With a separate engine process, collective_rpc ships our worker functions (the proposer timer, ...)
+        # by msgpack, which refuses functions unless vLLM may fall back to pickle; they are our own code,
+        # sent to the engine this process started.
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
 def engine_kwargs(settings: Settings, max_num_seqs: int) -> dict[str, Any]:

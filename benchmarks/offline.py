@@ -1,26 +1,20 @@
 """One method on an offline `vllm.LLM`: a warm-up, a timed run over every prompt, and what was counted meanwhile.
 
 The proposer is timed the same way for every method: the worker's `propose_draft_token_ids`, which
-vLLM calls once per step to draft for the whole batch, is wrapped on that one runner object
-(through `collective_rpc`, so it works in a separate engine process too). vLLM's engine itself is
-left as it is; the DReSD patches stay in `dresd_vllm.patches`.
+vLLM calls once per step to draft for the whole batch, is wrapped on that one runner object by
+`dresd_vllm.patches.proposer_timer` (through `collective_rpc`, so it works in a separate engine
+process too). The caller sets the environment first (`inputs.engine_environment(offline=True)`).
 """
 
 import gc
-import os
 import time
 import traceback
 from typing import Any
 
+from dresd_vllm import patches
+
 from .inputs import Method, Prompts, Settings, engine_kwargs
 from .metrics import acceptance, per_step, spec_counters, stats_delta
-
-# In-process engines start in seconds rather than ~20 s on the CPU; the user's environment wins.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-# With a separate engine process, collective_rpc ships our worker functions (`_time_proposer`, ...) by
-# msgpack, which refuses functions unless vLLM may fall back to pickle; they are our own code, sent to
-# the engine this process started.
-os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 
 def run_method(method: Method, settings: Settings, prompts: Prompts) -> dict[str, Any]:
@@ -81,7 +75,7 @@ def _runner_class(worker) -> str:
 def _measure(llm, method: Method, settings: Settings, prompts: Prompts) -> dict[str, Any]:
     speculative = method.speculative_config is not None
     if speculative:
-        llm.collective_rpc(_time_proposer)
+        llm.collective_rpc(patches.apply_to_runner, args=("proposer_timer",))
     llm.generate(
         [{"prompt_token_ids": prompts.warmup}], _params(settings, 1, min(settings.max_tokens, 32)), use_tqdm=False
     )
@@ -123,7 +117,7 @@ def _snapshot(llm) -> dict[str, Any]:
     """The cumulative counters: vLLM's speculative metrics, our proposer clock, the proposer's own stats."""
     return dict(
         counters=spec_counters(llm.get_metrics()),
-        timer=llm.collective_rpc(_read_timer)[0],
+        timer=llm.collective_rpc(patches.read_proposer_timer)[0],
         stats=llm.collective_rpc("dresd_stats")[0],
     )
 
@@ -141,46 +135,3 @@ def _params(settings: Settings, n: int, max_tokens: int) -> list:
         )
         for i in range(n)
     ]
-
-
-def _time_proposer(worker) -> None:
-    """Runs in the worker: wrap this runner's `propose_draft_token_ids` with counters and a clock, and
-    count the request steps (requests scheduled, summed over steps) in `execute_model`.
-
-    The request steps are what tokens per step divides by (vLLM's accepted-token counter also counts
-    tokens that max_tokens cut). They are counted in `execute_model`, which runs every step, not in
-    the drafter: vLLM skips the drafter in a step whose longest sequence + k exceeds max_model_len
-    (`_input_fits_in_drafter`) and schedules k placeholder (zero) draft tokens for the next step
-    instead, which its spec-decode counters count as a draft.
-    """
-    import torch
-
-    runner = worker.model_runner
-    propose = runner.propose_draft_token_ids
-    execute = runner.execute_model
-    runner.bench_proposer_timer = [0, 0.0, 0]
-    # A GPU drafter returns before its kernels finish; wait for them so its time is counted, not deferred.
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-
-    def counted(*args, **kwargs):
-        scheduler_output = args[0] if args else kwargs["scheduler_output"]
-        runner.bench_proposer_timer[2] += len(scheduler_output.num_scheduled_tokens)
-        return execute(*args, **kwargs)
-
-    def timed(*args, **kwargs):
-        sync()
-        start = time.perf_counter()
-        try:
-            return propose(*args, **kwargs)
-        finally:
-            sync()
-            runner.bench_proposer_timer[0] += 1
-            runner.bench_proposer_timer[1] += time.perf_counter() - start
-
-    runner.propose_draft_token_ids = timed
-    runner.execute_model = counted
-
-
-def _read_timer(worker) -> tuple[int, float, int]:
-    steps, seconds, request_steps = worker.model_runner.bench_proposer_timer
-    return steps, seconds, request_steps
