@@ -129,7 +129,7 @@ class DresdConfig(_Options):
 
     def check_speculative(self, speculative_config: dict[str, Any]) -> None:
         """Refuse more speculative tokens than the datastore stores per key (its `n_next`)."""
-        from .datastore import MANIFEST, DatastoreError, Manifest
+        from .manifest import MANIFEST, DatastoreError, Manifest
 
         k = speculative_config.get("num_speculative_tokens")
         try:

@@ -330,6 +330,7 @@ def proposer_timer(runner: Any) -> bool:
         runner.proposer_timer[2] += len(scheduler_output.num_scheduled_tokens)
         return execute(*args, **kwargs)
 
+    @functools.wraps(propose)
     def timed(*args, **kwargs):
         sync()
         start = time.perf_counter()

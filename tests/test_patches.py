@@ -1,12 +1,18 @@
-"""dresd_vllm.patches: the guards that refuse an unsupported vLLM, idempotence, and the row arithmetic
+"""dresd_vllm.patches: the registry (a log line per patch, idempotence, the DRESD_VLLM_PATCHES switch),
+the guards that refuse an unsupported vLLM, the benchmark's proposer timer, and the row arithmetic
 that picks each request's verified hidden states out of the batch's sampled positions."""
 
+import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
 import vllm
+from conftest import K
+from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
+from vllm.platforms.cpu import CpuPlatform
+from vllm.utils import cpu_triton_utils
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.worker_base import WorkerBase
 
@@ -20,10 +26,58 @@ def unapplied(monkeypatch):
         (EngineArgs, "create_speculative_config"),
         (GPUModelRunner, "propose_draft_token_ids"),
         (WorkerBase, "dresd_stats"),
+        (CpuPlatform, "register_triton_kernel_overrides"),
     ):
-        if hasattr(owner, name):
-            monkeypatch.setattr(owner, name, getattr(owner, name))
+        if name in vars(owner):
+            monkeypatch.setattr(owner, name, vars(owner)[name])
+    monkeypatch.setattr(cpu_triton_utils, "_expand_kernel_impl", cpu_triton_utils._expand_kernel_impl)
     monkeypatch.setattr(patches, "_applied", set())
+    monkeypatch.delenv(patches.SWITCH, raising=False)
+
+
+@pytest.fixture
+def patch_log():
+    """The lines dresd_vllm.patches logs (vLLM's logger tree does not propagate to pytest's handler)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = patches.logger.level
+    patches.logger.addHandler(handler)
+    patches.logger.setLevel(logging.INFO)  # as vLLM's logging configuration sets it where vLLM runs
+    yield lines
+    patches.logger.removeHandler(handler)
+    patches.logger.setLevel(level)
+
+
+def test_a_log_line_per_patch_and_none_when_applied_again(unapplied, patch_log):
+    patches.apply()
+    made = [p for p in patches.PATCHES.values() if not p.per_runner]
+    assert patch_log == [f"dresd-vllm: patched {p.target} ({p.name})" for p in made]
+    assert patches._applied == {p.name for p in made}
+    patches.apply()
+    assert len(patch_log) == len(made)
+
+
+def test_switch_off_leaves_vllm_unpatched_and_refuses_dresd(unapplied, patch_log, monkeypatch):
+    monkeypatch.setenv(patches.SWITCH, "0")
+    propose = GPUModelRunner.propose_draft_token_ids
+    patches.apply()
+    assert GPUModelRunner.propose_draft_token_ids is propose and not patches._applied
+    assert any("DRESD_VLLM_PATCHES=0: vLLM is left unpatched" in line for line in patch_log)
+    with pytest.raises(RuntimeError, match=r"^dresd needs .*propose_draft_token_ids .*DRESD_VLLM_PATCHES=0 .*unset"):
+        patches.require("dresd", "capture_hidden_states")
+
+
+def test_switch_off_stops_a_dresd_engine_naming_the_variable(tiny_model, llm_factory, monkeypatch, tmp_path):
+    """The plugin-free form reaches the proposer even with the switch off; the proposer refuses to start."""
+    monkeypatch.setenv(patches.SWITCH, "0")
+    with pytest.raises(RuntimeError, match="DRESD_VLLM_PATCHES=0"):
+        llm_factory(
+            tiny_model,
+            speculative_config={"method": "custom_class", "model": "dresd_vllm.proposer.DresdProposer",
+                                "num_speculative_tokens": K},
+            additional_config={"dresd": {"datastore": str(tmp_path)}},
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0"])
@@ -75,3 +129,18 @@ def _rows(sampled_token_ids, num_draft_tokens):
 )
 def test_verified_states_picks_each_requests_verified_rows(sampled, num_draft_tokens, rows):
     assert _rows(sampled, num_draft_tokens) == rows
+
+
+def test_proposer_timer_counts_steps_and_wraps_a_runner_once(tiny_model, prompts, llm_factory):
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    llm = llm_factory(tiny_model, speculative_config=ngram)
+    for _ in range(2):
+        llm.collective_rpc(patches.apply_to_runner, args=("proposer_timer",))
+    (wrapped,) = llm.collective_rpc(lambda worker: worker.model_runner.propose_draft_token_ids.__wrapped__)
+    assert wrapped.__func__ is GPUModelRunner.propose_draft_token_ids  # the class's own, wrapped once
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    ((steps, seconds, request_steps),) = llm.collective_rpc(patches.read_proposer_timer)
+    # Batch 2 at first: more request steps than drafter calls, which run once per step.
+    assert 0 < steps < request_steps <= 2 * 16 and seconds > 0
+    with pytest.raises(ValueError, match=r"apply\(\) makes it"):
+        patches.apply_to_runner(None, "capture_hidden_states")
