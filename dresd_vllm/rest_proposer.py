@@ -7,6 +7,7 @@ Drafts from the longest suffix of each request's context that occurs in a corpus
 import numpy as np
 from vllm.config import VllmConfig
 
+from . import patches
 from .config import RestConfig
 from .manifest import DatastoreError
 from .proposer_base import GuardedProposer, model_tokenizer_fingerprint
@@ -19,6 +20,8 @@ class RestProposer(GuardedProposer):
     method = "rest"
 
     def __init__(self, vllm_config: VllmConfig):
+        # The plugin-free custom_class form gets the CPU sampler fix and dresd_stats here (none is required).
+        patches.apply()
         super().__init__(vllm_config)
         self.config = RestConfig.from_dict(self.options)
         self.store = SuffixArrayStore(self.config.datastore)

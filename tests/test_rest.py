@@ -82,7 +82,7 @@ def test_rest_is_lossless_and_drafts(tiny_model, prompts, plain_outputs, rest_da
     [
         ({"datastore": "/nonexistent/rest.npz"}, "is not a file"),
         ({"max_spam": 8}, "unknown key(s) ['max_spam']"),
-        ({"max_span": 8.5}, "'max_span' must be int"),
+        ({"max_span": 8.5}, "'max_span' must be a valid integer"),
         ({"min_span": 20}, "'min_span' (20) <= 'max_span' (16)"),
     ],
 )
