@@ -8,6 +8,7 @@ request. Acceptance comes from the server's `/metrics`, as deltas over each leve
 """
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -15,6 +16,7 @@ import time
 import traceback
 import urllib.request
 from argparse import Namespace
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,36 @@ async def run_level(
     )
 
 
+def _levels(
+    base_url: str,
+    settings: Settings,
+    prompts: Prompts,
+    levels: list[int],
+    num_requests: int,
+    request_rate: float,
+    model: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every concurrency level in turn against the server at `base_url` (at least one request per client)."""
+    return [
+        asyncio.run(run_level(base_url, settings, prompts, c, max(num_requests, c), request_rate, model))
+        for c in levels
+    ]
+
+
+@contextlib.contextmanager
+def _status(result: dict[str, Any], where: str = "") -> Iterator[None]:
+    """Set `result["status"]`: "ok" when the block ends, else "failed" with the error and `where` to look.
+
+    The error is recorded instead of raised, so one method's failure does not end the others' runs.
+    """
+    try:
+        yield
+        result["status"] = "ok"
+    except Exception as e:
+        traceback.print_exc()
+        result.update(status="failed", error=f"{type(e).__name__}: {e}{where}")
+
+
 def serve_method(
     method: Method,
     settings: Settings,
@@ -158,18 +190,11 @@ def serve_method(
     if method.speculative_config is not None:
         flags += ["--speculative-config", json.dumps(method.speculative_config)]
     log = out_dir / f"server-{method.name}.log"
-    try:
+    with _status(result, f" (server log: {log})"):
         start = time.perf_counter()
         with vllm_server(settings.model, *flags, log=log) as base_url:
             result["server_start_s"] = time.perf_counter() - start
-            result["levels"] = [
-                asyncio.run(run_level(base_url, settings, prompts, c, max(num_requests, c), request_rate))
-                for c in levels
-            ]
-        result["status"] = "ok"
-    except Exception as e:
-        traceback.print_exc()
-        result.update(status="failed", error=f"{type(e).__name__}: {e} (server log: {log})")
+            result["levels"] = _levels(base_url, settings, prompts, levels, num_requests, request_rate)
     return result
 
 
@@ -188,15 +213,8 @@ def serve_running(
     """Every level against a server started elsewhere (`vllm serve ...`); no lossless check (no vanilla to compare)."""
     model = served_model(base_url)
     result: dict[str, Any] = dict(name=f"server {base_url}", kind="server", speculative_config=None, model=model)
-    try:
-        result["levels"] = [
-            asyncio.run(run_level(base_url, settings, prompts, c, max(num_requests, c), request_rate, model))
-            for c in levels
-        ]
-        result["status"] = "ok"
-    except Exception as e:
-        traceback.print_exc()
-        result.update(status="failed", error=f"{type(e).__name__}: {e}")
+    with _status(result):
+        result["levels"] = _levels(base_url, settings, prompts, levels, num_requests, request_rate, model)
     return result
 
 
