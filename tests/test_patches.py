@@ -2,13 +2,17 @@
 the guards that refuse an unsupported vLLM, the benchmark's proposer timer, and the row arithmetic
 that picks each request's verified hidden states out of the batch's sampled positions."""
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import vllm
-from conftest import K
+from conftest import ENGINE_DEFAULTS, K
 from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.platforms.cpu import CpuPlatform
@@ -129,6 +133,31 @@ def _rows(sampled_token_ids, num_draft_tokens):
 )
 def test_verified_states_picks_each_requests_verified_rows(sampled, num_draft_tokens, rows):
     assert _rows(sampled, num_draft_tokens) == rows
+
+
+# A process without the plugin: nothing patches vLLM at import, so the proposer must apply the patches itself.
+_PLUGIN_FREE = """
+import json, sys
+from vllm import LLM, SamplingParams
+model, datastore, prompts, engine = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+llm = LLM(model=model, **engine, additional_config={"dresd": {"datastore": datastore}}, speculative_config={
+    "method": "custom_class", "model": "dresd_vllm.proposer.DresdProposer", "num_speculative_tokens": 4})
+llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+print(json.dumps({"stats": llm.collective_rpc("dresd_stats")[0], "plugin": "dresd_vllm.plugin" in sys.modules}))
+"""
+
+
+def test_plugin_free_process_gets_the_patches_from_the_proposer(tiny_model, prompts, own_datastore):
+    env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    args = [tiny_model, own_datastore, json.dumps(prompts[:2]), json.dumps(ENGINE_DEFAULTS)]
+    run = subprocess.run(
+        [sys.executable, "-c", _PLUGIN_FREE, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["plugin"] is False
+    # Without the hidden-state capture every step would be a fault without drafts.
+    assert result["stats"]["faults"] == 0 and result["stats"]["draft_tokens"] > 0
 
 
 def test_proposer_timer_counts_steps_and_wraps_a_runner_once(tiny_model, prompts, llm_factory):
