@@ -142,31 +142,18 @@ def serve_charts(results: list[dict[str, Any]], title: str, out_dir: Path) -> li
 
 
 def sweep_chart(rows: list[dict[str, Any]], title: str, out_dir: Path) -> list[Path]:
-    """`sweep.png`: speedup and mean acceptance length against k for each DReSD setting (one panel per top_k)."""
-    dresd = [r for r in rows if r["kind"] == "dresd" and r["status"] == "ok"]
-    top_ks = sorted({r["speculative_config"].get("top_k") for r in dresd}, key=str) or [None]
-    fig, axes = plt.subplots(2, len(top_ks), figsize=(4.5 * len(top_ks), 7), squeeze=False)
-    for col, top_k in enumerate(top_ks):
-        lines: dict[tuple, list[dict]] = {}
-        for r in dresd:
-            if r["speculative_config"].get("top_k") == top_k:
-                entry = r["name"].split(" k=")[0]  # sweep points are named "ENTRY k=... top_k=..."
-                key = (entry, r["speculative_config"].get("min_support"), r["speculative_config"].get("merge"))
-                lines.setdefault(key, []).append(r)
-        for (name, support, merge), points in sorted(lines.items(), key=str):
-            points.sort(key=lambda r: r["speculative_config"]["num_speculative_tokens"])
-            ks = [r["speculative_config"]["num_speculative_tokens"] for r in points]
-            label = f"{name} min_support={support}" + (f" {merge}" if merge else "")
-            axes[0][col].plot(ks, [r["speedup"] for r in points], marker="o", label=label)
-            axes[1][col].plot(ks, [r["mean_acceptance_length"] or 1 for r in points], marker="o", label=label)
-        axes[0][col].set_title(f"top_k={top_k}", fontsize=10)
-        axes[0][col].axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        axes[0][col].set_ylabel("speedup over vanilla")
-        axes[1][col].set_ylabel("mean acceptance length")
-        for ax in axes[:, col]:
-            ax.set_xlabel("num_speculative_tokens")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    """`sweep.png`: every replayed point's estimated speedup and tokens per step, best first."""
+    rows = sorted(rows, key=lambda r: r["estimated_speedup"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.3 * len(rows)), sharey=True)
+    names = [r["name"] for r in rows]
+    axes[0].barh(names, [r["estimated_speedup"] for r in rows], color="tab:blue")
+    axes[0].axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axes[0].set_xlabel("estimated speedup over plain decoding (batch 1)")
+    axes[1].barh(names, [r["tokens_per_step"] for r in rows], color="tab:green")
+    axes[1].set_xlabel("tokens per step (all steps)")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="x")
+        ax.tick_params(axis="y", labelsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = out_dir / "sweep.png"

@@ -3,7 +3,7 @@
     dresd-bench compare    vanilla, ngram, suffix, draft_model, rest and DReSD (one entry per datastore)
                            in one process, with the same prompts, k, max_tokens, batch size and seed
     dresd-bench serve      the same methods behind vLLM's OpenAI server at concurrency 1, 4 and 16
-    dresd-bench sweep      num_speculative_tokens x top_k x min_support for DReSD, to choose defaults
+    dresd-bench sweep      DReSD's settings chosen by replay on tuning prompts (a grid of its keys)
     dresd-bench replay     every proposer on recorded greedy trajectories (tokens per step in seconds)
     dresd-bench retrieval  projection + search latency and recall of a datastore, without an LLM
 
@@ -16,9 +16,15 @@ import argparse
 import os
 import sys
 
-from build_tools.cli import comma_list, engine_args_type, positive_int
-from build_tools.data import TEMPLATES, InputError
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_DRAFT_MODEL, ModelMissingError, check_default_model
+from build_tools.cli import comma_list, engine_args_type, non_negative_int, positive_int
+from build_tools.data import TEMPLATES, InputError, load_rows
+from dresd_vllm.assets import (
+    DEFAULT_DATASET,
+    DEFAULT_DRAFT_MODEL,
+    DEFAULT_ID_CORPUS,
+    ModelMissingError,
+    check_default_model,
+)
 
 from . import retrieval
 from .inputs import KINDS, engine_environment
@@ -64,6 +70,9 @@ def _common_options(p: argparse.ArgumentParser, out: str) -> None:
     )
     g.add_argument("--split", default="test", help="split of a hub or save_to_disk dataset (default: test)")
     g.add_argument("--limit", type=positive_int, default=32, help="prompts: the first N rows (default: 32)")
+    g.add_argument(
+        "--skip", type=non_negative_int, default=0, help="rows to skip before them, e.g. those a datastore answers"
+    )
     g.add_argument("--prompt-key", default="instruction", help="field holding the prompt (default: instruction)")
     g.add_argument(
         "--template",
@@ -152,27 +161,27 @@ def parser() -> argparse.ArgumentParser:
         "instead of starting one per method; --model must name the same model, for its tokenizer",
     )
 
-    p = sub.add_parser("sweep", help="DReSD's num_speculative_tokens x top_k x min_support (and baselines' k)")
+    p = sub.add_parser(
+        "sweep", help="DReSD settings chosen by replay on tuning prompts (a grid of its keys, estimated speed)"
+    )
     _common_options(p, "results/sweep")
-    p.add_argument("--k", type=comma_list(int), default=[4, 6, 8, 10, 12, 16], help="num_speculative_tokens values")
-    p.add_argument(
-        "--top-k", type=comma_list(int), default=[10, 50, 100], help="DReSD top_k values (default: 10,50,100)"
-    )
-    p.add_argument(
-        "--min-support",
-        type=comma_list(float),
-        default=[0.1, 0.2, 0.3],
-        help="DReSD min_support values (default: 0.1,0.2,0.3)",
-    )
-    p.add_argument("--batch-size", type=positive_int, default=1, help="requests decoded together (default: 1)")
-    p.add_argument("--repeats", type=positive_int, default=1, help="interleaved rounds of every point (default: 1)")
-    _same_runner_option(p)
+    _replay_options(p)
     p.set_defaults(methods="dresd")
 
     p = sub.add_parser(
         "replay", help="every proposer on recorded greedy trajectories, as vLLM's loop would run it (seconds)"
     )
     _common_options(p, "results/replay")
+    _replay_options(p)
+    p.add_argument(
+        "--best-of", action="store_true", help="also the paper's multi-draft bound: the best of the merged survivors"
+    )
+
+    retrieval.add_parser(sub)
+    return top
+
+
+def _replay_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--num-speculative-tokens", type=positive_int, default=10, help="draft tokens (default: 10)")
     p.add_argument(
         "--grid",
@@ -182,13 +191,7 @@ def parser() -> argparse.ArgumentParser:
         help="replay every DReSD entry at each value of a speculative-config key (JSON values); repeat for a "
         "grid, e.g. --grid token_cost=0.02,0.04 --grid top_k=10,50. Tune on training prompts, never eval ones",
     )
-    p.add_argument(
-        "--best-of", action="store_true", help="also the paper's multi-draft bound: the best of the merged survivors"
-    )
     p.set_defaults(batch_size=1)
-
-    retrieval.add_parser(sub)
-    return top
 
 
 def _apply_defaults(args: argparse.Namespace) -> None:
@@ -196,6 +199,10 @@ def _apply_defaults(args: argparse.Namespace) -> None:
     if args.model is None:
         args.model = check_default_model()  # converted at install time: a missing one names its rebuild
         args.draft_model = args.draft_model or DEFAULT_DRAFT_MODEL
+    if args.command == "sweep" and args.dataset is None:
+        # Tuning prompts: the training prompts after those the shipped ID corpus answers, never the eval ones.
+        args.dataset = DEFAULT_DATASET.train
+        args.skip = args.skip or len(load_rows(DEFAULT_ID_CORPUS))
     args.dataset = args.dataset or DEFAULT_DATASET.eval
 
 
@@ -214,7 +221,7 @@ def _prepare(args: argparse.Namespace, k: int):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dresd-bench` console script; see the module docstring for the exit status."""
     args = parser().parse_args(argv)
-    engine_environment(offline=args.command in ("compare", "serve", "sweep"))
+    engine_environment(offline=args.command in ("compare", "serve"))
     if args.command == "retrieval":
         return int(retrieval.run(args) or 0)
     try:
@@ -233,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_replay(args, *_prepare(args, args.num_speculative_tokens))
         from .sweep import run_sweep
 
-        methods, settings, prompts = _prepare(args, max(args.k))
-        return run_sweep(args, methods, settings, prompts)
+        return run_sweep(args, *_prepare(args, args.num_speculative_tokens))
     except (InputError, ModelMissingError) as e:
         print(f"dresd-bench {args.command}: error: {e}", file=sys.stderr)
         return 2

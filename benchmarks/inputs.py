@@ -183,14 +183,19 @@ def load_prompts(args: Namespace, methods: list[Method], tokenizer: Any) -> Prom
     else:
         template_name = templates.pop() if templates else "chat"
     template = Template(template_name, tokenizer)
-    rows = load_rows(args.dataset, args.split, args.limit)
+    rows = load_rows(args.dataset, args.split, args.limit, args.skip)
     if not rows:
         raise InputError(f"{args.dataset}: no rows")
     texts = [get_text(row, args.prompt_key, i) for i, row in enumerate(rows)]
     token_ids = template.encode_prompts(texts)
     (warmup,) = template.encode_prompts([WARMUP_PROMPT])
     source = dict(
-        dataset=args.dataset, split=args.split, prompt_key=args.prompt_key, template=template_name, prompts=len(rows)
+        dataset=args.dataset,
+        split=args.split,
+        skip=args.skip,
+        prompt_key=args.prompt_key,
+        template=template_name,
+        prompts=len(rows),
     )
     return Prompts(token_ids=token_ids, warmup=warmup, source=source)
 

@@ -331,19 +331,30 @@ def run_methods(methods: list[Method], settings: Settings, trajectories: list[Tr
     return results
 
 
-def run_replay(args: Namespace, methods: list[Method], settings: Settings, prompts: Prompts) -> int:
-    """The `replay` command: record (or reuse) the trajectories, replay every method, report."""
-    out_dir = Path(args.out)
-    # The warm-up request first, as `compare` runs it: stateful proposers see it there too.
+def record_prompts(settings: Settings, prompts: Prompts, cache: Path) -> list[Trajectory]:
+    """The trajectories of the warm-up request and then every prompt, as `compare` runs them (stateful
+    proposers see the warm-up there too)."""
     all_prompts = [prompts.warmup, *prompts.token_ids]
     max_tokens = [min(settings.max_tokens, 32)] + [settings.max_tokens] * len(prompts.token_ids)
-    trajectories = record(settings, all_prompts, max_tokens, out_dir / "cache")
-    results = run_methods(expand_grid(methods, args.grid, args.best_of), settings, trajectories)
-    title = (
-        f"replay: {Path(settings.model).name}, {prompts.source['prompts']} prompts of "
+    return record(settings, all_prompts, max_tokens, cache)
+
+
+def describe(settings: Settings, prompts: Prompts) -> str:
+    """The title of a replay: model, prompts, k, tokens."""
+    skipped = f" after {prompts.source['skip']}" if prompts.source.get("skip") else ""
+    return (
+        f"{Path(settings.model).name}, {prompts.source['prompts']} prompts{skipped} of "
         f"{Path(prompts.source['dataset']).name}, k={settings.num_speculative_tokens}, "
         f"{settings.max_tokens} tokens, greedy"
     )
+
+
+def run_replay(args: Namespace, methods: list[Method], settings: Settings, prompts: Prompts) -> int:
+    """The `replay` command: record (or reuse) the trajectories, replay every method, report."""
+    out_dir = Path(args.out)
+    trajectories = record_prompts(settings, prompts, out_dir / "cache")
+    results = run_methods(expand_grid(methods, args.grid, args.best_of), settings, trajectories)
+    title = "replay: " + describe(settings, prompts)
     print(f"\n{title}\n")
     print(table(HEADERS, rows(results)))
     best = {}

@@ -1,8 +1,11 @@
-"""`dresd-bench sweep`: DReSD over num_speculative_tokens x top_k x min_support, to pick defaults from measurements.
+"""`dresd-bench sweep`: choose DReSD's settings by replay, on prompts that neither the datastore nor the eval set holds.
 
-Each point is a run of `compare` (same prompts, settings and lossless check against one vanilla run);
-baselines given in --methods are swept over k only. The best point of each entry is the fastest
-that kept every greedy output.
+Every point of a grid of DReSD keys (`--grid KEY=V1,V2`, as `replay` takes them) is replayed on the
+recorded greedy trajectories of tuning prompts: by default the embedded training prompts after those
+the shipped ID corpus answers. A point is judged by its estimated speed over plain decoding at batch 1:
+tokens per step over all steps, divided by the step time its verified draft tokens add at the price
+that `dresd_vllm.drafting` measured on a CPU (`TOKEN_COST`). Baselines in --methods are replayed once,
+for reference. `compare` then measures the chosen point on the eval prompts, in tokens/s.
 """
 
 from argparse import Namespace
@@ -10,83 +13,75 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .compare import HEADERS as COMPARE_HEADERS
-from .compare import failures, run_all
-from .compare import rows as compare_rows
+from dresd_vllm.drafting import TOKEN_COST
+
 from .inputs import Method, Prompts, Settings
-from .report import finish, markdown_table, table
+from .replay import describe, expand_grid, record_prompts, run_methods
+from .report import finish, fmt, markdown_table, table
+
+# The grid `sweep` replays when given none: how many neighbours, and the price a draft token must beat.
+DEFAULT_GRID = ["top_k=10,50,100", "token_cost=0.02,0.04,0.08"]
 
 
-def grid(methods: list[Method], ks: list[int], top_ks: list[int], min_supports: list[float]) -> list[Method]:
-    """vanilla, then every method at every k; DReSD entries also at every top_k x min_support."""
-    out = [methods[0]]
-    for m in methods[1:]:
-        for k in ks:
-            config = {**m.speculative_config, "num_speculative_tokens": k}
-            if m.kind != "dresd":
-                out.append(Method(f"{m.name} k={k}", m.kind, config))
-                continue
-            for top_k in top_ks:
-                for support in min_supports:
-                    name = f"{m.name} k={k} top_k={top_k} min_support={support}"
-                    out.append(Method(name, m.kind, {**config, "top_k": top_k, "min_support": support}))
-    return out
+def estimated_speedup(result: dict[str, Any], token_cost: float = TOKEN_COST["cpu"]) -> float:
+    """Tokens per step over the step time its draft tokens add: speed over plain decoding at batch 1."""
+    return result["tokens_per_step"] / (1 + token_cost * result["draft_tokens_per_step"])
 
 
 def best(results: list[dict[str, Any]], entries: list[Method]) -> dict[str, dict[str, Any]]:
-    """For each entry, its fastest point that ran and was lossless (or not checked): name and settings."""
+    """For each DReSD entry, its point with the highest estimated speedup, and that point's grid values."""
     out = {}
     for entry in entries:
-        points = [
-            r
-            for r in results
-            if r["name"].startswith(f"{entry.name} ") and r["status"] == "ok" and r["lossless"] is not False
-        ]
+        points = [r for r in results if r["kind"] == "dresd" and r["name"].startswith(f"{entry.name} ")]
         if points:
-            top = max(points, key=lambda r: r["tokens_per_s"])
-            config = {k: v for k, v in top["speculative_config"].items() if k not in entry.speculative_config}
-            out[entry.name] = dict(
-                point=top["name"],
-                speedup=top["speedup"],
-                mean_acceptance_length=top["mean_acceptance_length"],
-                **config,
-            )
+            top = max(points, key=lambda r: r["estimated_speedup"])
+            grid = {k: v for k, v in top["speculative_config"].items() if k not in entry.speculative_config}
+            out[entry.name] = dict(point=top["name"], estimated_speedup=top["estimated_speedup"], **grid)
     return out
 
 
-HEADERS = ["point", *COMPARE_HEADERS[1:]]
+HEADERS = ["point", "est. speedup", "tokens/step", "drafted steps", "draft tok/step", "accept len"]
 
 
 def rows(results: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per point, fastest first (failed points last)."""
-    return compare_rows(sorted(results, key=lambda r: -r["tokens_per_s"] if r["status"] == "ok" else float("inf")))
+    """One row per point, best first."""
+    return [
+        [
+            r["name"],
+            fmt(r["estimated_speedup"], ".2f") + "x",
+            fmt(r["tokens_per_step"]),
+            fmt(r["drafted_step_share"], ".1%"),
+            fmt(r["draft_tokens_per_step"]),
+            fmt(r["mean_acceptance_length"]),
+        ]
+        for r in sorted(results, key=lambda r: -r["estimated_speedup"])
+    ]
 
 
 def run_sweep(args: Namespace, methods: list[Method], settings: Settings, prompts: Prompts) -> int:
-    """The `sweep` command; returns the exit status (1 on a failed point or a lossless mismatch)."""
+    """The `sweep` command: replay every point, report, and name each DReSD entry's best point."""
     from .charts import sweep_chart
 
     out_dir = Path(args.out)
-    points = grid(methods, args.k, args.top_k, args.min_support)
-    print(f"sweep: {len(points)} runs", flush=True)
-    results = run_all(points, settings, prompts, args.repeats)
-    title = (
-        f"{Path(settings.model).name}, {prompts.source['prompts']} prompts of "
-        f"{Path(prompts.source['dataset']).name}, {settings.max_tokens} tokens, batch {settings.batch_size}, "
-        + ("greedy" if settings.greedy else f"T={settings.temperature}")
-    )
+    trajectories = record_prompts(settings, prompts, out_dir / "cache")
+    points = expand_grid(methods, args.grid or DEFAULT_GRID, best_of=False)
+    print(f"sweep: {sum(p.speculative_config is not None for p in points)} points, by replay", flush=True)
+    results = run_methods(points, settings, trajectories)
+    for r in results:
+        r["estimated_speedup"] = estimated_speedup(r)
+    title = "sweep: " + describe(settings, prompts)
     print(f"\n{title}\n")
     print(table(HEADERS, rows(results)))
-    chosen = best(results, methods[1:])
+    chosen = best(results, [m for m in methods if m.kind == "dresd"])
     for name, point in chosen.items():
         print(f"\nbest {name}: {point}")
     body = dict(
-        settings={**settings.to_json(), "num_speculative_tokens": args.k},
-        grid=dict(k=args.k, top_k=args.top_k, min_support=args.min_support),
+        settings=settings.to_json(),
         prompts=prompts.source,
+        grid=args.grid or DEFAULT_GRID,
+        token_cost=TOKEN_COST["cpu"],
         best=chosen,
-        points=[{k: v for k, v in r.items() if k not in ("outputs", "run_outputs")} for r in results],
+        points=results,
     )
-    table_md = markdown_table(HEADERS, rows(results))
     charts = partial(sweep_chart, results, title, out_dir)
-    return finish(out_dir, "sweep.json", body, table_md, charts, failures(results))
+    return finish(out_dir, "sweep.json", body, markdown_table(HEADERS, rows(results)), charts, [])

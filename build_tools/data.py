@@ -13,6 +13,7 @@ answered.
 """
 
 import gzip
+import itertools
 import json
 import zlib
 from collections.abc import Iterator, Sequence
@@ -39,11 +40,13 @@ def differences(old: dict[str, Any], new: dict[str, Any], first: Sequence[str] =
     return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys]
 
 
-def load_rows(dataset: str, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows of `dataset` (a JSONL(.gz) file, a `save_to_disk` directory, or a hub name), at most `limit`."""
+def load_rows(dataset: str, split: str = "train", limit: int | None = None, skip: int = 0) -> list[dict[str, Any]]:
+    """Rows of `dataset` (a JSONL(.gz) file, a `save_to_disk` directory, or a hub name): at most `limit`, after
+    the first `skip` (e.g. those a datastore was built from)."""
     path = Path(dataset)
     if path.is_file() or dataset.endswith((".jsonl", ".jsonl.gz")):
-        return list(_read_jsonl(path, limit))
+        end = None if limit is None else skip + limit
+        return list(itertools.islice(_read_jsonl(path, end), skip, None))
     import datasets
 
     if path.is_dir():
@@ -60,9 +63,8 @@ def load_rows(dataset: str, split: str = "train", limit: int | None = None) -> l
                 f"--dataset {dataset}: cannot load it ({e}); expected a datasets hub name, "
                 "a save_to_disk directory, or a .jsonl/.jsonl.gz file"
             ) from e
-    if limit is not None:
-        loaded = loaded.select(range(min(limit, len(loaded))))
-    return list(loaded)
+    end = len(loaded) if limit is None else min(skip + limit, len(loaded))
+    return list(loaded.select(range(min(skip, end), end)))
 
 
 def _read_jsonl(path: Path, limit: int | None) -> Iterator[dict[str, Any]]:

@@ -73,26 +73,32 @@ def test_per_step_figures_count_every_step_near_max_model_len(tmp_path):
         assert m["proposer_steps"] == m["request_steps"], m["name"]
 
 
-def test_sweep_runs_every_point_and_picks_the_fastest(tiny_model, bench_data, own_datastore, tmp_path):
+def test_sweep_replays_every_point_and_picks_the_best_estimate(tiny_model, bench_data, own_datastore, tmp_path):
     out = tmp_path / "sweep"
     run = run_bench(
-        "sweep", "--model", tiny_model, "--dataset", bench_data["dataset"], "--limit", "2", "--max-tokens", "16",
-        "--datastore", f"ID={own_datastore}", "--methods", "dresd,ngram", "--k", "2,4", "--top-k", "10",
-        "--min-support", "0.1,0.3", "--out", str(out), "--same-runner",
+        "sweep", "--model", tiny_model, "--dataset", bench_data["dataset"], "--skip", "1", "--limit", "2",
+        "--max-tokens", "16", "--datastore", f"ID={own_datastore}", "--methods", "dresd,ngram",
+        "--grid", "top_k=10,50", "--grid", "token_cost=0.02,0.5", "-k", "4", "--out", str(out),
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     report = json.loads((out / "sweep.json").read_text())
+    assert report["prompts"]["skip"] == 1 and report["prompts"]["prompts"] == 2
     points = {p["name"]: p for p in report["points"]}
-    dresd = {f"dresd-ID k={k} top_k=10 min_support={s}" for k in (2, 4) for s in (0.1, 0.3)}
-    assert dresd | {"ngram k=2", "ngram k=4"} <= set(points)
-    assert all(p["status"] == "ok" and p["lossless"] is True for p in points.values())
-    # --same-runner: every point on the V1 runner, scheduled synchronously, as custom_class methods must be.
-    assert {(p["model_runner"], p["async_scheduling"]) for p in points.values()} == {("V1", False)}
-    assert report["settings"]["engine_args"]["async_scheduling"] is False
-    best = report["best"]["dresd-ID"]
-    assert best["point"] in dresd and best["top_k"] == 10 and best["min_support"] in (0.1, 0.3)
-    assert points[best["point"]]["tokens_per_s"] == max(points[name]["tokens_per_s"] for name in dresd)
+    grid = [f"top_k={t} token_cost={c}" for t in (10, 50) for c in (0.02, 0.5)]
+    entries = ("dresd-ID", "dresd-ID+context")
+    assert {f"{e} {g}" for e in entries for g in grid} | {"ngram"} == set(points)
+    for entry in entries:
+        best = report["best"][entry]
+        mine = [points[f"{entry} {g}"] for g in grid]
+        assert best["estimated_speedup"] == max(p["estimated_speedup"] for p in mine)
+        assert best["point"] == f"{entry} top_k={best['top_k']} token_cost={best['token_cost']}"
+    for p in points.values():
+        cost = report["token_cost"]
+        assert p["estimated_speedup"] == pytest.approx(p["tokens_per_step"] / (1 + cost * p["draft_tokens_per_step"]))
+    # A dearer token cuts drafts shorter.
+    cheap, dear = (points[f"dresd-ID+context top_k=50 token_cost={c}"] for c in (0.02, 0.5))
+    assert dear["draft_tokens_per_step"] < cheap["draft_tokens_per_step"]
     assert (out / "table.md").is_file() and (out / "sweep.png").read_bytes().startswith(PNG)
 
 

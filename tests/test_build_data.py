@@ -35,6 +35,8 @@ def test_jsonl_gzip_and_save_to_disk_datasets_load_the_same_rows(tmp_path):
 
     assert load_rows(str(tmp_path / "d.jsonl")) == ROWS
     assert load_rows(str(tmp_path / "d.jsonl.gz"), limit=2) == ROWS[:2]
+    assert load_rows(str(tmp_path / "d.jsonl.gz"), limit=1, skip=1) == ROWS[1:2]
+    assert load_rows(str(tmp_path / "flat"), skip=1) == ROWS[1:]
     assert load_rows(str(tmp_path / "flat")) == ROWS
     assert load_rows(str(tmp_path / "dict"), split="train_sft", limit=1) == ROWS[:1]
     with pytest.raises(InputError, match=r"no split 'train'; it has \['train_sft'\]"):
