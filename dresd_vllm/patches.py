@@ -97,14 +97,18 @@ def apply() -> None:
         return
     _check_vllm()
     for patch in pending:
-        patch.make()
+        needed = patch.make() is not False  # False: this platform does not need it
         _applied.add(patch.name)
-        logger.info("dresd-vllm: patched %s (%s)", patch.target, patch.name)
+        if needed:
+            logger.info("dresd-vllm: patched %s (%s)", patch.target, patch.name)
 
 
 @functools.cache
 def _log_off(value: str) -> None:
-    logger.warning("dresd-vllm: %s=%s: vLLM is left unpatched; the dresd method cannot run", SWITCH, value)
+    logger.warning(
+        "dresd-vllm: %s=%s: vLLM is left unpatched; \"method\": \"dresd\" | \"rest\" is not accepted and DReSD "
+        "cannot run (REST runs in the custom_class form)", SWITCH, value,
+    )  # fmt: skip
 
 
 def require(method: str, name: str) -> None:
@@ -171,16 +175,18 @@ def worker_stats() -> None:
 
 
 @_patch("CpuPlatform.register_triton_kernel_overrides, cpu_triton_utils._expand_kernel_impl")
-def cpu_kernel_overrides() -> None:
-    """Items 4 and 5 (CPU build only): registered once per process, with a working `expand_kernel`."""
+def cpu_kernel_overrides() -> bool:
+    """Items 4 and 5: registered once per process, with a working `expand_kernel`; False (nothing to do) off CPU."""
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
-        from vllm.platforms.cpu import CpuPlatform
+    if not current_platform.is_cpu():
+        return False
+    from vllm.platforms.cpu import CpuPlatform
 
-        register = CpuPlatform.register_triton_kernel_overrides.__func__
-        CpuPlatform.register_triton_kernel_overrides = classmethod(functools.cache(_fix_cpu_expand(register)))
-        _fix_registered_cpu_expand()
+    register = CpuPlatform.register_triton_kernel_overrides.__func__
+    CpuPlatform.register_triton_kernel_overrides = classmethod(functools.cache(_fix_cpu_expand(register)))
+    _fix_registered_cpu_expand()
+    return True
 
 
 def _rewrite_dresd_method(create_speculative_config):
