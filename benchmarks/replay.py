@@ -31,6 +31,7 @@ import torch
 
 from build_tools.data import InputError
 
+from .compare import describe
 from .inputs import NGRAM, Method, Prompts, Settings, engine_kwargs
 from .report import finish, fmt, markdown_table, table
 
@@ -339,22 +340,12 @@ def record_prompts(settings: Settings, prompts: Prompts, cache: Path) -> list[Tr
     return record(settings, all_prompts, max_tokens, cache)
 
 
-def describe(settings: Settings, prompts: Prompts) -> str:
-    """The title of a replay: model, prompts, k, tokens."""
-    skipped = f" after {prompts.source['skip']}" if prompts.source.get("skip") else ""
-    return (
-        f"{Path(settings.model).name}, {prompts.source['prompts']} prompts{skipped} of "
-        f"{Path(prompts.source['dataset']).name}, k={settings.num_speculative_tokens}, "
-        f"{settings.max_tokens} tokens, greedy"
-    )
-
-
 def run_replay(args: Namespace, methods: list[Method], settings: Settings, prompts: Prompts) -> int:
     """The `replay` command: record (or reuse) the trajectories, replay every method, report."""
     out_dir = Path(args.out)
     trajectories = record_prompts(settings, prompts, out_dir / "cache")
     results = run_methods(expand_grid(methods, args.grid, args.best_of), settings, trajectories)
-    title = "replay: " + describe(settings, prompts)
+    title = "replay: " + describe(settings, prompts, batch=False)
     print(f"\n{title}\n")
     print(table(HEADERS, rows(results)))
     best = {}

@@ -15,8 +15,9 @@ from typing import Any
 
 from dresd_vllm.drafting import TOKEN_COST
 
+from .compare import describe
 from .inputs import Method, Prompts, Settings
-from .replay import describe, expand_grid, record_prompts, run_methods
+from .replay import expand_grid, record_prompts, run_methods
 from .report import finish, fmt, markdown_table, table
 
 # The grid `sweep` replays when given none: how many neighbours, and the price a draft token must beat.
@@ -69,7 +70,7 @@ def run_sweep(args: Namespace, methods: list[Method], settings: Settings, prompt
     results = run_methods(points, settings, trajectories)
     for r in results:
         r["estimated_speedup"] = estimated_speedup(r)
-    title = "sweep: " + describe(settings, prompts)
+    title = "sweep: " + describe(settings, prompts, batch=False)
     print(f"\n{title}\n")
     print(table(HEADERS, rows(results)))
     chosen = best(results, [m for m in methods if m.kind == "dresd"])
