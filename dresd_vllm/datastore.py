@@ -141,7 +141,10 @@ class Datastore:
         A None fingerprint (on either side) skips the tokenizer check.
         """
         m = self.manifest
-        checks = [("hidden_size", m.hidden_size, hidden_size), ("vocab_size", m.vocab_size, vocab_size)]
+        checks: list[tuple[str, int | str, int | str]] = [
+            ("hidden_size", m.hidden_size, hidden_size),
+            ("vocab_size", m.vocab_size, vocab_size),
+        ]
         if tokenizer_fingerprint is not None and m.tokenizer_fingerprint is not None:
             checks.append(("tokenizer_fingerprint", m.tokenizer_fingerprint, tokenizer_fingerprint))
         for field, ours, theirs in checks:

@@ -29,6 +29,8 @@ _TRAIN_PER_CENTROID = 64
 DEFAULT_EF_SEARCH = 128
 _ADD_CHUNK = 1 << 18
 _RECONSTRUCT_CHUNK = 1 << 18
+# faiss's type stubs leave out DirectMap (SWIG has it).
+_NO_MAP: int = faiss.DirectMap.NoMap  # type: ignore[attr-defined]
 
 
 def auto_factory(num_keys: int) -> str:
@@ -47,12 +49,6 @@ def auto_factory(num_keys: int) -> str:
         return "Flat"
     nlist = 1 << round(math.log2(4 * math.sqrt(num_keys)))
     return f"IVF{nlist},{'SQfp16' if num_keys <= SQ_MAX_KEYS else PQ_CODE}"
-
-
-def default_nprobe(index: faiss.Index) -> int | None:
-    """The nprobe the build stores with an IVF index; None for other indexes (see :func:`nprobe_for`)."""
-    ivf = ivf_of(index)
-    return None if ivf is None else nprobe_for(ivf.nlist, ivf.ntotal)
 
 
 def nprobe_for(nlist: int, num_keys: int) -> int:
@@ -130,7 +126,7 @@ def set_search_defaults(index: faiss.Index) -> None:
     """Store working nprobe / efSearch in the index (FAISS writes them into the index file)."""
     ivf = ivf_of(index)
     if ivf is not None:
-        ivf.nprobe = default_nprobe(index)
+        ivf.nprobe = nprobe_for(ivf.nlist, ivf.ntotal)
     hnsw = faiss.downcast_index(index)
     if isinstance(hnsw, faiss.IndexHNSW):
         hnsw.hnsw.efSearch = DEFAULT_EF_SEARCH
@@ -209,15 +205,15 @@ def read_keys(
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     ivf = ivf_of(index)
-    mapped = ivf is None or ivf.direct_map.type != faiss.DirectMap.NoMap
-    if not mapped:
-        ivf.make_direct_map()  # IVF lists are not addressable by id without it
+    unmapped = ivf if ivf is not None and ivf.direct_map.type == _NO_MAP else None
+    if unmapped is not None:
+        unmapped.make_direct_map()  # IVF lists are not addressable by id without it
     n = index.ntotal if ids is None else len(ids)
     keys = torch.empty((n, index.d), dtype=dtype, device=device)
     for start in range(0, n, _RECONSTRUCT_CHUNK):
         end = min(start + _RECONSTRUCT_CHUNK, n)
         part = index.reconstruct_n(start, end - start) if ids is None else index.reconstruct_batch(ids[start:end])
         keys[start:end] = torch.from_numpy(part).to(device, dtype)
-    if not mapped:
-        ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # the map costs 8 bytes a key
+    if unmapped is not None:
+        unmapped.set_direct_map_type(_NO_MAP)  # the map costs 8 bytes a key
     return keys

@@ -46,7 +46,8 @@ class RestProposer(GuardedProposer):
         token_ids_cpu: np.ndarray,
         max_len: np.ndarray,
     ) -> list[list[int]]:
-        config, drafts = self.config, []
+        config = self.config
+        drafts: list[list[int]] = []
         for i, sampled in enumerate(sampled_token_ids):
             n = int(num_tokens[i])
             if not sampled or max_len[i] <= 0:  # partial prefill, or no room left

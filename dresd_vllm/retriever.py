@@ -246,4 +246,4 @@ def trie_path(drafts: np.ndarray, weights: np.ndarray, valid: np.ndarray) -> tup
     chains = drafts[np.arange(batch), winner].astype(np.int64)
     total = np.maximum(weights.sum(axis=1, keepdims=True), _MIN_WEIGHT)
     support = branch_weight[np.arange(batch), winner] / total  # non-increasing along the chain
-    return chains, np.where(valid.any(axis=1)[:, None], support, 0.0).astype(np.float32)
+    return chains, np.where(valid.any(axis=1, keepdims=True), support, 0.0).astype(np.float32)

@@ -79,7 +79,8 @@ class SearchIndex:
             self._keys = read_keys(index, device=self.device)
             self.index = None  # the keys are all it needs: no second copy of the datastore in memory
         elif backend == "torch-ivf":
-            self._ivf = TorchIVF(index, self.device, self.nprobe)
+            assert ivf is not None  # refused above
+            self._ivf = TorchIVF(index, self.device, ivf.nprobe)
             self.index = None
         elif backend == "faiss-gpu":
             gpu_id = self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
@@ -121,6 +122,7 @@ class SearchIndex:
             return self._keys.numel() * self._keys.element_size()
         if self._ivf is not None:
             return self._ivf.memory_bytes()
+        assert self.index is not None  # neither torch backend: a FAISS one
         index = self.index if self.backend == "faiss" else faiss.index_gpu_to_cpu(self.index)
         return int(faiss.serialize_index(index).size)
 
@@ -133,16 +135,17 @@ class SearchIndex:
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [B, {self.dim}], got {tuple(queries.shape)}")
         if self._keys is not None:
-            return self._search_torch(queries, k)
+            return self._search_torch(self._keys, queries, k)
         if self._ivf is not None:
             return self._ivf.search(queries, k)
+        assert self.index is not None  # neither torch backend: a FAISS one
         x = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
         scores, ids = self.index.search(x, k)
         scores[ids < 0] = -np.inf
         return scores, ids
 
-    def _search_torch(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        keys = self._keys
+    @staticmethod
+    def _search_torch(keys: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         sims = queries.to(keys.device, keys.dtype) @ keys.T
         found = min(k, keys.shape[0])
         top, idx = torch.topk(sims, found, dim=1)

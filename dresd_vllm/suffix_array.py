@@ -100,7 +100,7 @@ class SuffixArrayStore:
         if self.header.get("format") != FORMAT or len(self.suffixes) != len(self.tokens):
             raise ValueError(f"REST 'datastore': {path} has format {self.header.get('format')!r}, expected {FORMAT!r}")
 
-    def occurrences(self, pattern: Sequence[int]) -> np.ndarray:
+    def occurrences(self, pattern: Sequence[int] | np.ndarray) -> np.ndarray:
         """Corpus positions where `pattern` starts, in suffix-array order."""
         pattern = tuple(pattern)
         tokens, width = self.tokens, len(pattern)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 import torch
@@ -29,12 +31,14 @@ class TorchIVF:
         self._transform = _linear_transforms(index, device)
         self.centroids = torch.from_numpy(ivf.quantizer.reconstruct_n(0, ivf.nlist)).to(device)
         invlists = ivf.invlists
+        assert invlists is not None  # faiss's stubs allow None; an IVF index always has its lists
         sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
         ids = np.empty(int(sizes.sum()), dtype=np.int64)
         starts = np.concatenate(([0], np.cumsum(sizes)))
         inner = faiss.downcast_index(ivf)
-        self._pq = isinstance(inner, faiss.IndexIVFPQ) and inner.pq.nbits == 8
-        codes = np.empty((len(ids), ivf.code_size), dtype=np.uint8) if self._pq else None
+        pq_ivf = inner if isinstance(inner, faiss.IndexIVFPQ) and inner.pq.nbits == 8 else None
+        self._pq = pq_ivf is not None
+        codes = np.empty((len(ids), ivf.code_size), dtype=np.uint8) if pq_ivf is not None else None
         for i in np.flatnonzero(sizes):
             ids[starts[i] : starts[i + 1]] = faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(sizes[i]))
             if codes is not None:
@@ -44,9 +48,9 @@ class TorchIVF:
         self.starts = torch.from_numpy(starts[:-1]).to(device)
         id_dtype = np.int32 if index.ntotal < 2**31 else np.int64  # 4 bytes a key where that is enough
         self.ids = torch.from_numpy(ids.astype(id_dtype)).to(device)
-        if codes is not None:
-            pq = inner.pq
-            self.by_residual = bool(inner.by_residual)
+        if pq_ivf is not None and codes is not None:
+            pq = pq_ivf.pq
+            self.by_residual = bool(pq_ivf.by_residual)
             self.codebooks = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)).to(
                 device
             )
@@ -110,8 +114,9 @@ def _linear_transforms(index: faiss.Index, device: torch.device) -> list[tuple[t
     if not isinstance(outer, faiss.IndexPreTransform):
         return []
     out = []
-    for i in range(outer.chain.size()):
-        vt = faiss.downcast_VectorTransform(outer.chain.at(i))
+    chain: Any = outer.chain  # a SWIG vector (size, at), which faiss's stubs call a list
+    for i in range(chain.size()):
+        vt = faiss.downcast_VectorTransform(chain.at(i))
         if not isinstance(vt, faiss.LinearTransform):
             raise ValueError(f"torch-ivf supports linear pre-transforms (OPQ, PCA), not {type(vt).__name__}")
         weight = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in)
