@@ -37,10 +37,12 @@ class _Options(BaseModel):
     @classmethod
     def ranges(cls) -> dict[str, tuple[float | None, float | None]]:
         """Closed [low, high] of the numeric keys (None: unbounded), as their Field constraints say."""
-        ranges = {}
+        ranges: dict[str, tuple[float | None, float | None]] = {}
         for name, field in cls.model_fields.items():
-            low = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
-            high = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+            ge = (m.ge for m in field.metadata if isinstance(m, annotated_types.Ge))
+            le = (m.le for m in field.metadata if isinstance(m, annotated_types.Le))
+            low = next((b for b in ge if isinstance(b, int | float)), None)
+            high = next((b for b in le if isinstance(b, int | float)), None)
             if low is not None or high is not None:
                 ranges[name] = (low, high)
         return ranges

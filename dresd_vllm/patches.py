@@ -184,7 +184,8 @@ def cpu_kernel_overrides() -> bool:
     from vllm.platforms.cpu import CpuPlatform
 
     register = CpuPlatform.register_triton_kernel_overrides.__func__
-    CpuPlatform.register_triton_kernel_overrides = classmethod(functools.cache(_fix_cpu_expand(register)))
+    # typeshed's lru_cache wrapper takes *args: Hashable, which classmethod's (cls, ...) signature refuses.
+    CpuPlatform.register_triton_kernel_overrides = classmethod(functools.cache(_fix_cpu_expand(register)))  # type: ignore[arg-type]
     _fix_registered_cpu_expand()
     return True
 

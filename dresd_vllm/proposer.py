@@ -6,6 +6,7 @@ then calls `propose`, which drafts for the whole batch through one :class:`Draft
 """
 
 import dataclasses
+from typing import cast
 
 import faiss
 import numpy as np
@@ -46,11 +47,13 @@ class DresdProposer(GuardedProposer):
             vocab_size=model_config.get_vocab_size(),
             tokenizer_fingerprint=model_tokenizer_fingerprint(model_config),
         )
-        warn_dtype(self.datastore.manifest.dtype, model_config.dtype, self.config.datastore)
-        self.drafter = Drafter(self.datastore, self.config, device=vllm_config.device_config.device)
+        # ModelConfig's dtype is typed as what the user may pass ("auto", ...); once made it is a torch.dtype.
+        warn_dtype(self.datastore.manifest.dtype, cast(torch.dtype, model_config.dtype), self.config.datastore)
+        # The index's device: vLLM's, or the CPU where vLLM leaves it unset (TPU).
+        self.drafter = Drafter(self.datastore, self.config, device=self.datastore.index.device)
         self.retriever = self.drafter.retriever
         # vLLM's batch-size schedule for num_speculative_tokens, applied here so no draft is made to be cut.
-        schedule = vllm_config.speculative_config.num_speculative_tokens_per_batch_size
+        schedule = self.speculative_config.num_speculative_tokens_per_batch_size
         max_batch = vllm_config.scheduler_config.max_num_seqs
         self._k_by_batch = (
             np.asarray(build_dynamic_sd_schedule_lookup(schedule, max_batch, self.k))

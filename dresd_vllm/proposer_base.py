@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from vllm import envs
-from vllm.config import ModelConfig, VllmConfig
+from vllm.config import ModelConfig, SpeculativeConfig, VllmConfig
 from vllm.logger import init_logger
 
 from .manifest import tokenizer_fingerprint
@@ -44,14 +44,17 @@ class GuardedProposer:
     method: str  # the speculative-config method, also the key of its options in additional_config
 
     def __init__(self, vllm_config: VllmConfig):
-        options = (vllm_config.additional_config or {}).get(self.method)
+        additional = vllm_config.additional_config
+        options = additional.get(self.method) if isinstance(additional, dict) else None
         if not isinstance(options, dict):
             raise ValueError(
                 f"{type(self).__name__} needs its options in additional_config[{self.method!r}], "
                 f'or use --speculative-config \'{{"method": "{self.method}", "datastore": ...}}\''
             )
+        assert vllm_config.speculative_config is not None  # vLLM builds proposers for speculative configs only
         self.options = options
-        self.k = vllm_config.speculative_config.num_speculative_tokens
+        self.speculative_config: SpeculativeConfig = vllm_config.speculative_config
+        self.k = self.speculative_config.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self._faulted = False
