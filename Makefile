@@ -38,6 +38,7 @@ RUN := LD_PRELOAD=$(abspath $(VENV))/lib/libiomp5.so
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(RUN) $(PY) -m pytest
 
 demo: install
@@ -45,6 +46,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache
