@@ -35,12 +35,15 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from packaging.version import Version
 from vllm.logger import init_logger
+
+if TYPE_CHECKING:
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
 SUPPORTED_VLLM = (Version("0.32"), Version("0.34"))  # [low, high)
 SWITCH = "DRESD_VLLM_PATCHES"
@@ -235,7 +238,9 @@ def _capture_hidden_states(propose_draft_token_ids):
 
 
 def verified_states(
-    sample_hidden_states: torch.Tensor, sampled_token_ids: list[list[int]], spec_decode_metadata
+    sample_hidden_states: torch.Tensor,
+    sampled_token_ids: list[list[int]],
+    spec_decode_metadata: "SpecDecodeMetadata | None",
 ) -> torch.Tensor:
     """The states of every verified position, request after request: `len(sampled_token_ids[i])` rows each.
 

@@ -6,6 +6,7 @@ too: a draft that holds an id outside the vocabulary, or is longer than allowed,
 (the engine would index its embedding table with it).
 """
 
+import logging
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from vllm.logger import init_logger
 from .manifest import tokenizer_fingerprint
 
 
-def proposer_logger(name: str):
+def proposer_logger(name: str) -> logging.Logger:
     """A logger under vLLM's "vllm" logger, so its lines appear where vLLM's own do (server log included).
 
     vLLM configures only the "vllm" logger tree; a logger outside it shows nothing at INFO.
