@@ -110,7 +110,7 @@ def test_apply_is_idempotent():
     patches.apply()
     assert (EngineArgs.create_speculative_config, GPUModelRunner.propose_draft_token_ids) == patched
     # Wrapped once: the wrapper's wrapped function is vLLM's own.
-    assert patched[1].__code__.co_filename == patches.__file__
+    assert patched[1].__code__.co_filename == patches.serving.__file__
     assert patched[1].__wrapped__.__code__.co_filename.endswith("vllm/v1/worker/gpu_model_runner.py")
 
 
