@@ -29,6 +29,16 @@ def _shade(results: list[dict[str, Any]]) -> list[str]:
     return colors
 
 
+def _save(fig: Any, path: Path, title: str | None = None) -> Path:
+    """Title (when given), lay out, write and close one figure."""
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _bars(
     ax,
     names: list[str],
@@ -95,11 +105,7 @@ def compare_charts(results: list[dict[str, Any]], title: str, out_dir: Path) -> 
     right.set_ylabel("tokens per step")
     right.set_ylim(0, max([*per_step, *vllm_len, 1.0]) * 1.25)
     right.legend(fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    paths = [out_dir / "speedup.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
+    paths = [_save(fig, out_dir / "speedup.png", title)]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r, c in spec:
@@ -111,10 +117,7 @@ def compare_charts(results: list[dict[str, Any]], title: str, out_dir: Path) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    paths.append(out_dir / "acceptance_by_position.png")
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "acceptance_by_position.png"))
     return paths
 
 
@@ -133,12 +136,7 @@ def serve_charts(results: list[dict[str, Any]], title: str, out_dir: Path) -> li
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = out_dir / "serve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "serve.png", title)]
 
 
 def sweep_chart(rows: list[dict[str, Any]], title: str, out_dir: Path) -> list[Path]:
@@ -154,9 +152,4 @@ def sweep_chart(rows: list[dict[str, Any]], title: str, out_dir: Path) -> list[P
     for ax in axes:
         ax.grid(alpha=0.3, axis="x")
         ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = out_dir / "sweep.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "sweep.png", title)]
