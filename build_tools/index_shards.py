@@ -18,6 +18,7 @@ import numpy as np
 
 from build_tools.embed import unbatch
 from dresd_vllm.index import encode_shard
+from dresd_vllm.retriever import omp_threads
 
 
 def index_task(shard: int, path: str, first_id: int) -> dict[str, Any]:
@@ -34,8 +35,7 @@ class IndexWorker:
 
     def __init__(self, trained: bytes, threads: int | None = None):
         self.trained = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
-        if threads is not None:
-            faiss.omp_set_num_threads(threads)
+        self.threads = threads
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         """Map a batch of index tasks to `{"shard", "positions", "data", "seconds", "worker"}`.
@@ -46,7 +46,10 @@ class IndexWorker:
         for task in unbatch(batch):
             start = time.perf_counter()
             keys = np.load(task["path"], mmap_mode="r")
-            shard = encode_shard(self.trained, keys, int(task["first_id"]))
+            _unpin()
+            # OpenMP's thread count is per calling thread, and Ray may call from another than __init__'s.
+            with omp_threads(self.threads):
+                shard = encode_shard(self.trained, keys, int(task["first_id"]))
             out["shard"].append(int(task["shard"]))
             out["positions"].append(len(keys))
             out["data"].append(faiss.serialize_index(shard).tobytes())
@@ -56,3 +59,17 @@ class IndexWorker:
 
     def close(self) -> None:
         """Nothing to release (the same interface as `EmbedWorker`)."""
+
+
+def _unpin() -> None:
+    """Let the calling thread run on every CPU of the machine again.
+
+    Under a preloaded Intel OpenMP, Ray Data's workers were found pinned to CPU 0 (measured: two
+    workers on a 2-core machine each ran at half speed, 1.04x one process); the kernel still
+    confines the thread to its cgroup's CPUs.
+    """
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:  # CPUs outside this container's set: keep what the kernel gave
+        pass
+
