@@ -100,9 +100,11 @@ async def run_level(
     num_requests: int,
     request_rate: float = math.inf,
     model: str | None = None,
+    first: int = 0,
 ) -> dict[str, Any]:
-    """`num_requests` requests (the prompts in turn), at most `concurrency` in flight, sent at `request_rate`
-    requests/s (Poisson arrivals; inf: all at once), after one warm-up. `model`: the served model's name."""
+    """`num_requests` requests (the prompts in turn from prompt `first`), at most `concurrency` in flight, sent
+    at `request_rate` requests/s (Poisson arrivals; inf: all at once), after one warm-up. `model`: the served
+    model's name."""
     import openai
 
     model = model or settings.model
@@ -116,8 +118,8 @@ async def run_level(
         async def one(i: int) -> dict[str, Any]:
             await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
             async with slots:
-                prompt = prompts.token_ids[i % len(prompts.token_ids)]
-                return await _request(client, model, settings, prompt, settings.seed + i)
+                prompt = prompts.token_ids[(first + i) % len(prompts.token_ids)]
+                return await _request(client, model, settings, prompt, settings.seed + first + i)
 
         start = time.perf_counter()
         records = await asyncio.gather(*(one(i) for i in range(num_requests)))
@@ -129,6 +131,7 @@ async def run_level(
     accepted = acceptance(before, after)
     return dict(
         concurrency=concurrency,
+        first_prompt=first % len(prompts.token_ids),
         request_rate=None if math.isinf(request_rate) else request_rate,
         requests=num_requests,
         output_tokens=output_tokens,
@@ -154,11 +157,16 @@ def _levels(
     request_rate: float,
     model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every concurrency level in turn against the server at `base_url` (at least one request per client)."""
-    return [
-        asyncio.run(run_level(base_url, settings, prompts, c, max(num_requests, c), request_rate, model))
-        for c in levels
-    ]
+    """Every concurrency level in turn against the server at `base_url` (at least one request per client).
+
+    Each level goes on from the prompts the last one sent, so that with enough prompts no level meets
+    answers a stateful drafter (an online store, a global suffix tree) has just served."""
+    results, first = [], 0
+    for c in levels:
+        requests = max(num_requests, c)
+        results.append(asyncio.run(run_level(base_url, settings, prompts, c, requests, request_rate, model, first)))
+        first += requests
+    return results
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ def test_serve_drives_the_openai_server_at_each_concurrency(tiny_model, bench_da
     out = tmp_path / "serve"
     run = run_bench(
         "serve", *common(tiny_model, bench_data, own_datastore, out),
-        "--methods", "vanilla,dresd", "--concurrency", "1,2", "--requests", "4",
+        "--methods", "vanilla,dresd", "--concurrency", "1,2", "--requests", "4", "--limit", "8",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
@@ -167,6 +167,7 @@ def test_serve_drives_the_openai_server_at_each_concurrency(tiny_model, bench_da
     assert [m["name"] for m in report["methods"]] == ["vanilla", "dresd-ID", "dresd-ID+context"]
     for m in report["methods"]:
         assert [level["concurrency"] for level in m["levels"]] == [1, 2]
+        assert [level["first_prompt"] for level in m["levels"]] == [0, 4]  # each level its own prompts
         for level in m["levels"]:
             assert level["lossless"] is True and level["requests"] == 4 and level["output_tokens"] > 0
             assert level["output_tokens_per_s"] > 0 and level["latency_s"]["p50"] > 0 and level["ttft_s"]["p99"] > 0
