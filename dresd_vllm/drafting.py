@@ -32,8 +32,9 @@ TOKENS_PER_STEP_RATE = 0.02
 # What one more verified draft token per request adds to a step's time, as a share of the step, when the
 # user gives no token_cost: TOKEN_COST * batch ** TOKEN_COST_EXPONENT, at most 1. Fitted to this project's
 # CPU machine (vLLM's step): at batch 1, +50% for 10 draft tokens on the tiny model and +20% for 5.5 on
-# SmolLM2-135M (0.04 a token); through the server at concurrency 16 on SmolLM2, +48% for 0.49 draft
-# tokens per request (0.98: the step is compute-bound, its time proportional to the tokens it verifies).
+# SmolLM2-135M (0.04 a token); through the server at concurrency 16 on SmolLM2, with the proposer of
+# commit 657dc05 (before this curve), +48% for 0.49 draft tokens per request (0.98: the step is
+# compute-bound, its time proportional to the tokens it verifies).
 # The GPU's is a guess for a step that stays memory-bound.
 TOKEN_COST = {"cpu": 0.04, "cuda": 0.004}
 TOKEN_COST_EXPONENT = {"cpu": 1.15, "cuda": 1.0}
@@ -121,8 +122,8 @@ class Drafter:
         last_tokens = np.fromiter((t[-1] if t else -1 for t in sampled_token_ids), np.int64, batch)
         width = int(max_len.max(initial=0))
         threshold = self.token_cost(batch) * self.tokens_per_step if self.length_control else 0.0
-        if width > 0 and threshold >= self.scorer.best():
-            # No position can be worth verifying: skip the searches, keep the stores and trees current.
+        if width > 0 and threshold > self.scorer.best():
+            # No position can reach the threshold `cut` keeps at: skip the searches, keep the stores and trees current.
             width = 0
             self.stats.stood_down += 1
         start = time.perf_counter()
