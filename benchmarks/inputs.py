@@ -183,7 +183,9 @@ def load_prompts(args: Namespace, methods: list[Method], tokenizer: Any) -> Prom
     else:
         template_name = templates.pop() if templates else "chat"
     template = Template(template_name, tokenizer)
-    rows = load_rows(args.dataset, args.split, args.limit, args.skip)
+    # Reserved evaluation rows (`sharegpt:eval`) are for measuring, never for tuning.
+    reserved_ok = getattr(args, "command", None) != "sweep"
+    rows = load_rows(args.dataset, args.split, args.limit, args.skip, reserved_ok=reserved_ok)
     if not rows:
         raise InputError(f"{args.dataset}: no rows")
     texts = [get_text(row, args.prompt_key, i) for i, row in enumerate(rows)]

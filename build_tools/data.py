@@ -1,8 +1,9 @@
 """Corpus input for `dresd-build`: loading rows, reading their fields, and the prompt template.
 
-A corpus is a Hugging Face dataset name, a directory written by `Dataset.save_to_disk`, or a JSONL
-file (optionally gzipped). A field is named by a dotted path, so nested chat data works directly:
-`--response-key messages.1.content` reads `row["messages"][1]["content"]`.
+A corpus is a Hugging Face dataset name, a directory written by `Dataset.save_to_disk`, a JSONL
+file (optionally gzipped), or one of the public datasets by name (`sharegpt`, `sharegpt:eval`,
+`mt-bench`, `humaneval`: `build_tools.public_data`). A field is named by a dotted path, so nested
+chat data works directly: `--response-key messages.1.content` reads `row["messages"][1]["content"]`.
 
 The template decides the token sequence a (prompt, response) pair becomes. `chat` renders the
 tokenizer's chat template, a user turn then an assistant turn, which is what a chat request to the
@@ -24,6 +25,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from build_tools import public_data
+
 TEMPLATES = ("chat", "question-answer")
 QUESTION_ANSWER = "Question: {prompt}\nAnswer:\n"
 _TOKENIZE_BATCH = 1024
@@ -40,10 +43,27 @@ def differences(old: dict[str, Any], new: dict[str, Any], first: Sequence[str] =
     return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys]
 
 
-def load_rows(dataset: str, split: str = "train", limit: int | None = None, skip: int = 0) -> list[dict[str, Any]]:
-    """Rows of `dataset` (a JSONL(.gz) file, a `save_to_disk` directory, or a hub name): at most `limit`, after
-    the first `skip` (e.g. those a datastore was built from)."""
+def load_rows(
+    dataset: str, split: str = "train", limit: int | None = None, skip: int = 0, reserved_ok: bool = False
+) -> list[dict[str, Any]]:
+    """Rows of `dataset` (a JSONL(.gz) file, a `save_to_disk` directory, a hub name, or a public dataset's
+    name): at most `limit`, after the first `skip` (e.g. those a datastore was built from).
+
+    A public dataset's name carries its split (`split` is not used); the rows reserved for evaluation
+    (`sharegpt:eval`) load only with `reserved_ok`, which only evaluation passes, never a build or a sweep.
+    """
     path = Path(dataset)
+    if not path.exists() and public_data.is_named(dataset):
+        if dataset in public_data.RESERVED and not reserved_ok:
+            raise InputError(
+                f"--dataset {dataset}: reserved for evaluation; build and tune on "
+                f"{dataset.partition(':')[0]} (the conversations before them)"
+            )
+        end = None if limit is None else skip + limit
+        try:
+            return public_data.load_named(dataset, end)[skip:]
+        except public_data.DataError as e:
+            raise InputError(str(e)) from e
     if path.is_file() or dataset.endswith((".jsonl", ".jsonl.gz")):
         end = None if limit is None else skip + limit
         return list(itertools.islice(_read_jsonl(path, end), skip, None))
