@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,27 @@ def test_serve_json_is_what_vllm_bench_serve_reads(named_cache, tmp_path):
     out = tmp_path / "serve.json"
     public_data.main(["serve-json", "--dataset", "sharegpt:eval", "--limit", "3", "--out", str(out)])
     assert [c["id"] for c in json.loads(out.read_text())] == ["c16000", "c16004", "c16005"]
+
+
+def test_chat_corpus_snapshot_restores_generates_output_byte_for_byte(named_cache, tmp_path):
+    from build_tools.embedded import chat_corpus
+
+    out, asset = tmp_path / "id.jsonl", tmp_path / "chat-id.jsonl.gz"
+    rows = load_rows("sharegpt", limit=3)
+    text = "".join(
+        json.dumps({**r, "output": f"reply {i}"}, ensure_ascii=False, default=str) + "\n" for i, r in enumerate(rows)
+    )
+    out.write_text(text + '{"instruction": "torn', encoding="utf-8")  # a shard being written: left out
+    Path(f"{out}.meta.json").write_text(json.dumps({"model": "elsewhere", "dataset": "sharegpt"}))
+    manifest = chat_corpus.pack(out, asset)
+    assert (
+        manifest["rows"] == 3
+        and manifest["last_position"] == 5
+        and manifest["generate_meta"] == {"dataset": "sharegpt"}
+    )
+    with gzip.open(asset, "rt") as f:
+        assert "response" not in json.loads(f.readline())
+    out.unlink()
+    assert chat_corpus.restore(out, asset) == 3
+    assert out.read_text(encoding="utf-8") == text
+    assert json.loads(Path(f"{out}.meta.json").read_text())["dataset"] == "sharegpt"
