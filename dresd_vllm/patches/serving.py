@@ -67,6 +67,10 @@ def _capture_hidden_states(propose_draft_token_ids):
                     self.input_batch.req_ids[: len(sampled_token_ids)],
                 )
             except Exception:
+                from ..proposer_base import strict
+
+                if strict():
+                    raise
                 # Nothing is captured, so the proposer's guard makes this a step without drafts.
                 if not logged:
                     logged = True
