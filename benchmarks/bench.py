@@ -46,6 +46,7 @@ BUILD = ROOT / "build" / "bench"
 DOCS = ROOT / "docs" / "benchmarks-public"
 ENGINE_ARGS = json.dumps({"dtype": "float32"})
 STEPS = ("replay", "compare", "nucleus", "distribution")
+CURVE_ROWS = (500, 1000, 2000, 4000, 8000)
 K, MAX_TOKENS = 10, 128
 # Store sizes: the chat ID rows are the curve's choice (docs/benchmarks-public.md); ShareGPT answers are
 # long, so the OOD store cuts its sequences at 512 tokens; the code stores are the shipped ID corpus's.
@@ -70,13 +71,19 @@ def _run(args: list[str], log: Path | None = None) -> None:
         sys.exit(f"make bench: failed (exit {done.returncode}): {' '.join(args)}" + (f"; log: {log}" if log else ""))
 
 
-def stores(work: Path, chat_id_rows: int) -> dict[str, dict[str, str]]:
-    """The datastores of both settings, built where missing: {setting: {ID, OOD, REST}}."""
+def _chat_id(work: Path) -> Path:
+    """The shipped chat ID corpus as `dresd-build generate` wrote it, restored under `work` once."""
     chat_id = work / "chat-id.jsonl"
     if not chat_id.is_file():
         from build_tools.embedded.chat_corpus import ASSET, restore
 
         print(f"{chat_id}: {restore(chat_id, ASSET)} rows from {ASSET.name}", flush=True)
+    return chat_id
+
+
+def stores(work: Path, chat_id_rows: int) -> dict[str, dict[str, str]]:
+    """The datastores of both settings, built where missing: {setting: {ID, OOD, REST}}."""
+    chat_id = _chat_id(work)
     built = {
         "chat": {
             "ID": work / f"chat-dresd-id-{chat_id_rows}",
@@ -120,13 +127,17 @@ def _method_args(paths: dict[str, str]) -> list[str]:
     return ["--datastore", f"ID={paths['ID']}", "--datastore", f"OOD={paths['OOD']}", "--rest-datastore", paths["REST"]]
 
 
+def _replay(dataset: str, method_args: list[str], run_dir: Path) -> None:
+    _, limit = SETTINGS[dataset]
+    _run(["benchmarks.cli", "replay", "--dataset", dataset, "--limit", str(limit), "--methods",
+          "ngram,suffix,rest,dresd", *method_args, "--best-of", "-k", str(K), "--max-tokens", str(MAX_TOKENS),
+          "--engine-args", ENGINE_ARGS, "--out", str(run_dir)])  # fmt: skip
+
+
 def replay(dataset: str, paths: dict[str, str], work: Path, out: Path) -> None:
     """Every proposer on every prompt's greedy trajectory, with the multi-draft bound."""
     run_dir = work / f"replay-{dataset}"  # its trajectory cache stays out of docs/
-    _, limit = SETTINGS[dataset]
-    _run(["benchmarks.cli", "replay", "--dataset", dataset, "--limit", str(limit), "--methods",
-          "ngram,suffix,rest,dresd", *_method_args(paths), "--best-of", "-k", str(K), "--max-tokens",
-          str(MAX_TOKENS), "--engine-args", ENGINE_ARGS, "--out", str(run_dir)])  # fmt: skip
+    _replay(dataset, _method_args(paths), run_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / "replay.json", out / f"replay-{dataset}.json")
     shutil.copy(run_dir / "table.md", out / f"replay-{dataset}.md")
@@ -194,6 +205,53 @@ def distribution(paths: dict[str, str], out: Path, samples: int = 256, tokens: i
     return result
 
 
+def curve(rows: list[int], chat_id: Path, work: Path, out: Path) -> list[dict[str, Any]]:
+    """Tokens per step on MT-Bench against keys in the chat ID store, for ID stores over the first `rows` prompts.
+
+    Pure DReSD-ID, its multi-draft bound, the full proposer and REST over the same answers, by replay;
+    every point shares one trajectory cache.
+    """
+    from dresd_vllm.manifest import MANIFEST, Manifest
+
+    complete = chat_id.read_bytes().count(b"\n")
+    run_dir = work / "replay-mt-bench"
+    points = []
+    for n in rows:
+        if n > complete:
+            print(f"curve: {chat_id} has {complete} rows, fewer than {n}; stopping there", flush=True)
+            break
+        ds, rest = work / f"chat-dresd-id-{n}", work / f"chat-rest-id-{n}.npz"
+        common = ["--dataset", str(chat_id), "--response-key", "output", "--limit", str(n)]
+        jobs = []
+        if not (ds / MANIFEST).is_file():
+            args = ["build_tools.cli", "datastore", *common, "--pca-sample", str(PCA_SAMPLE), "--engine-args",
+                    ENGINE_ARGS, "--out", str(ds)]  # fmt: skip
+            jobs.append((args, ds.with_suffix(".log")))
+        if not rest.is_file():
+            jobs.append((["build_tools.cli", "rest", *common, "--prompt-key", "instruction", "--out", str(rest)],
+                         rest.with_suffix(".log")))  # fmt: skip
+        for job in jobs:
+            _run(*job)
+        _replay("mt-bench", ["--datastore", f"ID={ds}", "--rest-datastore", str(rest)], run_dir)
+        found = _methods(run_dir / "replay.json")
+        keys = Manifest.from_json((ds / MANIFEST).read_text()).num_keys
+        point = dict(rows=n, keys=keys, **{name: m["tokens_per_step"] for name, m in found.items()})
+        point["pure / REST"] = point["dresd-ID"] / point["rest"]
+        points.append(point)
+        print(json.dumps(point), flush=True)
+    if points:
+        from benchmarks.report import write_report
+
+        write_report(out, "curve.json", dict(dataset="mt-bench", prompts=80, points=points))
+        names = ["rest", "dresd-ID", "dresd-ID best-of-survivors", "dresd-ID+context", "suffix", "ngram", "pure / REST"]
+        lines = ["| prompts | keys | " + " | ".join(names) + " |", "|---:" * (len(names) + 2) + "|"]
+        lines += [
+            f"| {p['rows']} | {p['keys']:,} | " + " | ".join(_cell(p.get(n)) for n in names) + " |" for p in points
+        ]
+        (out / "curve.md").write_text("\n".join(lines) + "\n")
+    return points
+
+
 def _methods(path: Path) -> dict[str, dict[str, Any]]:
     return {m["name"]: m for m in json.loads(path.read_text())["methods"]} if path.is_file() else {}
 
@@ -255,7 +313,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS, help="interleaved rounds of compare")
     parser.add_argument("--work", type=Path, default=BUILD, help="where the stores are built (default: build/bench)")
     parser.add_argument("--out", type=Path, default=DOCS, help="where the reports go (default: docs/benchmarks-public)")
+    parser.add_argument(
+        "--curve",
+        type=lambda text: [int(v) for v in text.split(",")],
+        help="instead of the table: the curve, chat ID stores over the first N ShareGPT prompts of --chat-id, "
+        f"e.g. {','.join(map(str, CURVE_ROWS))} (as far as the corpus goes)",
+    )
+    parser.add_argument("--chat-id", type=Path, help="the chat ID corpus (default: the shipped snapshot)")
     args = parser.parse_args(argv)
+    if args.curve:
+        chat_id = args.chat_id or _chat_id(args.work)
+        curve(args.curve, chat_id, args.work, args.out)
+        return
     steps, datasets = args.steps.split(","), args.datasets.split(",")
     unknown = sorted(set(steps) - set(STEPS)) + sorted(set(datasets) - set(SETTINGS))
     if unknown:
