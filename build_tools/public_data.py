@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {len(load_named(name)):,} rows ({source.package}=={source.version}, {source.licence})")
         return
     rows = serve_json(load_named(args.dataset, args.limit))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, lambda tmp: tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8"))
     print(f"{args.out}: {len(rows):,} conversations from {args.dataset}")
 
