@@ -184,3 +184,42 @@ def test_chat_corpus_snapshot_restores_generates_output_byte_for_byte(named_cach
     assert chat_corpus.restore(out, asset) == 3
     assert out.read_text(encoding="utf-8") == text
     assert json.loads(Path(f"{out}.meta.json").read_text())["dataset"] == "sharegpt"
+
+
+def test_bench_prompts_take_named_datasets_and_sweep_refuses_the_reserved_rows(named_cache, tiny_model):
+    from argparse import Namespace
+
+    from transformers import AutoTokenizer
+
+    from benchmarks.inputs import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    args = dict(template=None, split="test", limit=2, skip=0, prompt_key="instruction")
+    prompts = load_prompts(Namespace(command="replay", dataset="sharegpt:eval", **args), [], tokenizer)
+    assert prompts.source["dataset"] == "sharegpt:eval" and len(prompts.token_ids) == 2
+    assert len(load_prompts(Namespace(command="compare", dataset="mt-bench", **args), [], tokenizer).token_ids) == 2
+    with pytest.raises(InputError, match="reserved for evaluation"):
+        load_prompts(Namespace(command="sweep", dataset="sharegpt:eval", **args), [], tokenizer)
+
+
+def test_bench_summary_joins_replay_and_compare(tmp_path):
+    from benchmarks import bench
+
+    replayed = [
+        {"name": "rest", "tokens_per_step": 1.2, "acceptance_rate": 0.1, "mean_acceptance_length": 1.5},
+        {"name": "dresd-ID", "tokens_per_step": 1.5, "acceptance_rate": 0.2, "mean_acceptance_length": 2.0},
+        {"name": "dresd-ID best-of-survivors", "tokens_per_step": 1.7},
+    ]
+    compared = [
+        {"name": "vanilla", "tokens_per_s": 20.0, "speedup": 1.0, "spread": {"tokens_per_s": [19.0, 21.0]}},
+        {"name": "draft_model", "tokens_per_s": 25.0, "speedup": 1.25, "tokens_per_step": 1.4, "acceptance_rate": 0.3},
+    ]
+    (tmp_path / "replay-mt-bench.json").write_text(json.dumps({"methods": replayed}))
+    (tmp_path / "compare-mt-bench").mkdir()
+    (tmp_path / "compare-mt-bench" / "compare.json").write_text(json.dumps({"methods": compared}))
+    text = bench.summary(tmp_path)
+    assert "| vanilla | 1.00 | - | - | - | 20.0 (19.0-21.0) | 1.00 |" in text
+    assert "| draft_model | 1.40 | 30.0% | - | - | 25.0 | 1.25 |" in text
+    assert "| dresd-ID | 1.50 | 20.0% | 2.00 | 1.70 | - | - |" in text
+    assert "best-of-survivors |" not in text and "humaneval" not in text
+    assert (tmp_path / "summary.md").read_text() == text
