@@ -179,11 +179,10 @@ def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], di
         from dresd_vllm.config import DresdConfig
         from dresd_vllm.datastore import Datastore
         from dresd_vllm.drafting import Drafter
+        from dresd_vllm.search import SearchOptions
 
         options = DresdConfig.from_dict(config)
-        ds = Datastore.load(
-            options.datastore, backend=options.backend, nprobe=options.nprobe, ef_search=options.ef_search
-        )
+        ds = Datastore.load(options.datastore, SearchOptions.of(options))
         drafter = Drafter(ds, options)
 
         def stats() -> dict[str, Any]:
@@ -242,18 +241,18 @@ def best_of_step(method: Method) -> Step:
     from dresd_vllm.config import DresdConfig
     from dresd_vllm.datastore import Datastore
     from dresd_vllm.retriever import Retriever
+    from dresd_vllm.search import SearchOptions
 
     config = {k: v for k, v in method.speculative_config.items() if k not in ("method", "num_speculative_tokens")}
     options = DresdConfig.from_dict(config)
-    ds = Datastore.load(options.datastore, backend=options.backend, nprobe=options.nprobe, ef_search=options.ef_search)
+    ds = Datastore.load(options.datastore, SearchOptions.of(options))
     retriever = Retriever(ds, top_k=options.top_k, max_candidates=options.max_candidates)
 
     def step(req_ids, sampled, num_tokens, token_ids, verified, max_len):
         counts = np.fromiter(map(len, sampled), np.int64, len(sampled))
         last = np.fromiter((t[-1] if t else -1 for t in sampled), np.int64, len(sampled))
-        queries = ds.projection(verified[np.maximum(np.cumsum(counts) - 1, 0)])
         width = min(int(max_len.max()), ds.n_next)
-        found = retriever.candidates(queries, last, width)
+        found = retriever.candidates(retriever.search(verified, np.cumsum(counts) - 1), last, width)
         out = []
         for i in range(len(req_ids)):
             truth = token_ids[i, num_tokens[i] : num_tokens[i] + width]

@@ -20,6 +20,7 @@ from dresd_vllm.datastore import Datastore
 from dresd_vllm.evaluation import recall_at_k, self_retrieval_mrr
 from dresd_vllm.index import read_keys
 from dresd_vllm.manifest import DatastoreError, tokenizer_fingerprint
+from dresd_vllm.search import SearchOptions
 
 
 def held_out_queries(args: Namespace, ds: Datastore) -> np.ndarray:
@@ -50,7 +51,7 @@ def held_out_queries(args: Namespace, ds: Datastore) -> np.ndarray:
 def run_eval(args: Namespace) -> dict[str, Any]:
     """The `eval` command; prints and returns recall@K and MRR."""
     try:
-        ds = Datastore.load(args.datastore, backend="faiss")
+        ds = Datastore.load(args.datastore, SearchOptions(backend="faiss"))
     except DatastoreError as e:
         raise SystemExit(f"dresd-build eval: {e}") from e
     keys = read_keys(ds.index.index).numpy()  # decoded, so approximate for PQ indexes

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dresd_vllm.manifest import (
     INDEX,
@@ -26,7 +25,7 @@ from dresd_vllm.manifest import (
     read_projection,
 )
 from dresd_vllm.projection import Projection
-from dresd_vllm.search import SearchIndex
+from dresd_vllm.search import SearchIndex, SearchOptions
 
 _OFFSET_SCAN_CHUNK = 1 << 24
 
@@ -53,19 +52,11 @@ class Datastore:
         self._steps = np.arange(1, manifest.n_next + 2, dtype=np.int64)
 
     @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        backend: str = "auto",
-        device: torch.device | str | None = None,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-    ) -> Datastore:
+    def load(cls, path: str | os.PathLike, search: SearchOptions | None = None) -> Datastore:
         """Open and validate every file; DatastoreError names the file that is missing or damaged.
 
-        ``nprobe``/``ef_search`` None keep the values stored with the index (the manifest's nprobe).
-        The projection is moved to ``device`` and the index searched with ``backend``
-        (see :class:`SearchIndex`).
+        The index is searched as ``search`` says (:class:`SearchOptions`: backend, device, nprobe,
+        ef_search; None: the defaults); the projection is moved to the index's device.
         """
         path = Path(path)
         manifest = read_manifest(path, "no datastore here")
@@ -104,7 +95,7 @@ class Datastore:
                 )
 
         try:
-            index = SearchIndex.load(path / INDEX, backend=backend, device=device, nprobe=nprobe, ef_search=ef_search)
+            index = SearchIndex.load(path / INDEX, search or SearchOptions())
         except ValueError as e:
             raise DatastoreError(str(e)) from e
         for field, got, want in (

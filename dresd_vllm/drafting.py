@@ -23,7 +23,7 @@ import torch
 from .config import DresdConfig
 from .context import ContextSource
 from .datastore import Datastore
-from .online_store import OnlineStore
+from .online_store import OnlineStore, online_lists
 from .retriever import Retriever
 from .scoring import CONTEXT, CONTEXT_BUCKETS, DENSE, DENSE_BUCKETS, Scorer, conditional, cut, gain, pick
 
@@ -70,7 +70,10 @@ class Drafter:
             search_threads=config.search_threads,
         )
         self.online = (
-            OnlineStore(datastore.manifest.pca_dim, datastore.n_next, config.online_store_size, datastore.index.device)
+            OnlineStore(
+                datastore.manifest.pca_dim, datastore.n_next, config.online_store_size, datastore.index.device,
+                coarse=datastore.index.coarse_map(online_lists(config.online_store_size)),
+            )  # fmt: skip
             if config.online_store
             else None
         )
@@ -126,18 +129,18 @@ class Drafter:
             # No position can reach the threshold `cut` keeps at: skip the searches, keep the stores and trees current.
             width = 0
             self.stats.stood_down += 1
-        start = time.perf_counter()
-        keys = self.datastore.projection(verified) if verified.shape[0] else None
-        self.retriever.stats.projection_s += time.perf_counter() - start
-
         sources: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (source, tokens, cumulative, bucket)
         if self.online is not None:
             self.online.fill(req_ids, token_ids, num_tokens)
         dense_width = min(width, self.datastore.n_next)
-        if keys is not None and dense_width > 0:
-            ends = np.cumsum(counts) - 1
-            queries = keys[torch.from_numpy(np.maximum(ends, 0)).to(keys.device)]
-            dense = self.retriever.candidates(queries, last_tokens, dense_width, self.online)
+        # Projection, both searches and one copy back; the online store's keys even when nothing is searched.
+        found = (
+            self.retriever.search(verified, np.cumsum(counts) - 1, self.online, dense_width > 0)
+            if verified.shape[0]
+            else None
+        )
+        if found is not None and dense_width > 0:
+            dense = self.retriever.candidates(found, last_tokens, dense_width)
             tokens = np.full((batch, width), -1, dtype=np.int64)
             support = np.zeros((batch, width), dtype=np.float32)
             own = dense.lengths(0.0 if self.length_control else self.retriever.min_support)
@@ -147,10 +150,10 @@ class Drafter:
             tokens[:, :dense_width] = np.where(keep, dense.tokens, -1)
             support[:, :dense_width] = np.where(keep, dense.support, 0.0)
             sources.append((DENSE, tokens, support, np.searchsorted(DENSE_BUCKETS, dense.survivors, "right")))
-        if self.online is not None and keys is not None:
+        if self.online is not None and found is not None:
             owners = np.repeat(np.asarray(req_ids, dtype=object), counts)
             positions = np.repeat(num_tokens[:batch] - counts, counts) + _ranks(counts)
-            self.online.add(keys, list(owners), positions)
+            self.online.add(found.keys, list(owners), positions, found.lists)
             self.stats.online_keys = len(self.online)
         if self.context is not None:
             start = time.perf_counter()

@@ -13,6 +13,8 @@ import faiss
 import numpy as np
 import torch
 
+from dresd_vllm.torch_ivf import nprobe_for
+
 # Up to this many keys exact search costs at most ~1 ms per query on one CPU core
 # (d = 64: 50k x 256 B scanned) and loses nothing; above it IVF is ~10x faster.
 FLAT_MAX_KEYS = 50_000
@@ -20,8 +22,6 @@ FLAT_MAX_KEYS = 50_000
 # 2M keys); above it they are product-quantised (PQ_CODE, see auto_factory).
 SQ_MAX_KEYS = 2_000_000
 PQ_CODE = "PQ32"
-# Keys an IVF search scans by default (see nprobe_for).
-SCAN_KEYS = 8192
 # FAISS k-means warns below 39 training points per centroid; 64 gives centroids as
 # good for search as FAISS's own cap of 256 at a quarter of the training time.
 _TRAIN_PER_CENTROID = 64
@@ -49,18 +49,6 @@ def auto_factory(num_keys: int) -> str:
         return "Flat"
     nlist = 1 << round(math.log2(4 * math.sqrt(num_keys)))
     return f"IVF{nlist},{'SQfp16' if num_keys <= SQ_MAX_KEYS else PQ_CODE}"
-
-
-def nprobe_for(nlist: int, num_keys: int) -> int:
-    """Lists to probe so that a query scans about :data:`SCAN_KEYS` keys, and at least 16 lists.
-
-    A fixed scan keeps latency flat as a store grows: at 1e6 keys (4096 lists) 34 lists,
-    ~0.2 ms on one CPU core with recall@50 0.998 on the retrieval benchmark's synthetic
-    states; at 1e7 keys (16384 lists) 16 lists. Real hidden states may need more;
-    ``dresd-build eval`` measures recall and the manifest's nprobe overrides this.
-    """
-    per_list = max(num_keys, 1) / nlist
-    return min(nlist, max(16, round(SCAN_KEYS / per_list)))
 
 
 def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:

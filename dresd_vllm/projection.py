@@ -96,8 +96,18 @@ class Projection:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project ``hidden [B, H]`` (any float dtype, any device) to fp16 ``[B, d]`` unit rows.
 
-        Raises ValueError when a row has NaN/inf.
+        Raises ValueError when a row has NaN/inf (a check that waits for the device: the served
+        path uses :meth:`project` and checks after its one copy back).
         """
+        keys, finite = self.project(hidden)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ValueError(f"hidden states contain NaN/inf in {len(bad)} of {hidden.shape[0]} rows (rows {bad[:8]})")
+        return keys
+
+    def project(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys fp16 [B, d], finite bool [B])`` without waiting for the device: a row with NaN/inf
+        comes out as zeros, with ``finite`` False."""
         if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
             raise ValueError(f"hidden states must be [B, {self.hidden_size}], got {tuple(hidden.shape)}")
         if self.weight.device != hidden.device:
@@ -105,12 +115,10 @@ class Projection:
         # fp32 GEMM: bf16/fp16 inputs would lose the precision the z-score needs.
         y = torch.addmm(self.bias, hidden.float(), self.weight)
         finite = torch.isfinite(y).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            raise ValueError(f"hidden states contain NaN/inf in {len(bad)} of {hidden.shape[0]} rows (rows {bad[:8]})")
+        y = torch.where(finite[:, None], y, 0.0)
         # Round through fp16 like the paper, but normalise in fp32: squaring fp16 overflows past 256.
         y = y.clamp(-_FP16_MAX, _FP16_MAX).half().float()
-        return torch.nn.functional.normalize(y, dim=1).half()
+        return torch.nn.functional.normalize(y, dim=1).half(), finite
 
     def transform(self, states: np.ndarray, batch_size: int = 65_536) -> np.ndarray:
         """Project a NumPy array of states on the CPU in batches -> fp16 ``[N, d]`` (for the build)."""

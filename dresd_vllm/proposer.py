@@ -19,6 +19,7 @@ from .config import DresdConfig
 from .datastore import Datastore
 from .drafting import Drafter
 from .proposer_base import GuardedProposer, model_tokenizer_fingerprint, proposer_logger
+from .search import SearchOptions
 
 logger = proposer_logger(__name__)
 
@@ -36,11 +37,7 @@ class DresdProposer(GuardedProposer):
         self.config = DresdConfig.from_dict(self.options)
         model_config = vllm_config.model_config
         self.datastore = Datastore.load(
-            self.config.datastore,
-            backend=self.config.backend,
-            device=vllm_config.device_config.device,
-            nprobe=self.config.nprobe,
-            ef_search=self.config.ef_search,
+            self.config.datastore, SearchOptions.of(self.config, device=vllm_config.device_config.device)
         )
         self.datastore.check_model(
             hidden_size=model_config.get_hidden_size(),
@@ -99,7 +96,7 @@ class DresdProposer(GuardedProposer):
         retriever = dataclasses.asdict(self.retriever.stats)
         drafter = dataclasses.asdict(self.drafter.stats)
         steps = max(stats["steps"], 1)
-        for stage in ("projection", "search", "merge"):
+        for stage in ("projection", "search", "online_search", "copy", "merge"):
             stats[f"{stage}_s"] = retriever[f"{stage}_s"]
             stats[f"{stage}_ms_per_step"] = 1e3 * retriever[f"{stage}_s"] / steps
         for stage in ("context", "score"):

@@ -1,4 +1,4 @@
-"""From hidden states to one draft per request: project, search, filter, merge.
+"""From hidden states to one draft per request: project, search, copy back, filter, merge.
 
 vLLM verifies one chain per request, so the paper's top-10 drafts are merged
 into one: the survivors' continuations form a prefix trie whose nodes weigh the
@@ -19,6 +19,7 @@ import torch
 
 from dresd_vllm.datastore import Datastore
 from dresd_vllm.online_store import OnlineStore
+from dresd_vllm.torch_ivf import HostCopy
 
 MERGES = ("trie", "top1")
 # Survivors weigh their cosine similarity, floored so that a survivor with a
@@ -46,16 +47,20 @@ def omp_threads(n: int | None) -> Iterator[None]:
 
 @dataclasses.dataclass
 class RetrieverStats:
-    """Cumulative counters of a :class:`Retriever` (seconds are wall time in each stage)."""
+    """Cumulative counters of a :class:`Retriever` (seconds are wall time in each stage).
+
+    On a GPU the stages before the copy back only launch their work; ``copy_s`` holds the wait for it.
+    """
 
     calls: int = 0
     requests: int = 0
     projection_s: float = 0.0
-    search_s: float = 0.0
+    search_s: float = 0.0  # the datastore's index
+    online_search_s: float = 0.0  # the online store
+    copy_s: float = 0.0  # the one copy of the step's results back to the host
     merge_s: float = 0.0  # first-token filter, continuation gather and merge
     hits: int = 0  # neighbours found, before the first-token filter
     survivors: int = 0  # neighbours whose first token matched
-    draft_tokens: int = 0
     online_survivors: int = 0  # online-store neighbours whose first token matched
 
     def reset(self) -> None:
@@ -66,15 +71,27 @@ class RetrieverStats:
         return dataclasses.replace(self)
 
 
+@dataclasses.dataclass
+class Found:
+    """One step's search results, on the host after one copy back (see :meth:`Retriever.search`)."""
+
+    keys: torch.Tensor  # [R, d] every verified state projected, on the device (what the online store adds)
+    lists: np.ndarray | None  # int64 [R]: each key's online-store list (None without a store)
+    scores: np.ndarray  # float32 [B, k]: the datastore's hits, best first (-inf: none)
+    ids: np.ndarray  # int64 [B, k] (-1: none)
+    online_scores: np.ndarray | None  # float32 [B, k]: the online store's hits (None: not searched)
+    online_values: np.ndarray | None  # int32 [B, k, n_next + 1]
+
+
 class Retriever:
     """Drafts for a batch of requests from their hidden states and a :class:`Datastore`.
 
-    ``merge="trie"`` walks the survivors' prefix trie, at each depth taking the
-    child with the largest total similarity (ties go to the branch holding the
-    nearest survivor), and stops at the first depth where that branch holds less
-    than ``min_support`` of all survivors' similarity: a rough estimate of the
-    chance the draft is still right. ``min_support=0`` keeps the whole heaviest path.
-    ``merge="top1"`` drafts the nearest survivor's continuation. Only the nearest
+    :meth:`search` projects the states and searches the datastore and the online store;
+    :meth:`candidates` filters and merges the hits. ``merge="trie"`` walks the survivors' prefix
+    trie, at each depth taking the child with the largest total similarity (ties go to the branch
+    holding the nearest survivor); its support at each depth (the branch's share of all survivors'
+    similarity) is a rough estimate of the chance the draft is still right, where ``min_support``
+    may cut it. ``merge="top1"`` drafts the nearest survivor's continuation. Only the nearest
     ``max_candidates`` survivors (at most ``top_k``) are merged: the paper's top 10 of top 50.
     ``search_threads`` (None: the caller's) OpenMP threads search, only for the search itself.
     """
@@ -101,55 +118,74 @@ class Retriever:
         self.max_candidates = min(max_candidates, top_k)
         self.search_threads = search_threads
         self.stats = RetrieverStats()
+        self._copy = HostCopy()
 
-    def draft(self, hidden: torch.Tensor, last_tokens: np.ndarray, max_len: int | np.ndarray) -> list[list[int]]:
-        """One draft (possibly ``[]``) of at most ``max_len[i]`` tokens per request.
+    def search(
+        self, verified: torch.Tensor, rows: np.ndarray, online: OnlineStore | None = None, search: bool = True
+    ) -> Found:
+        """Project ``verified [R, H]``, search with rows ``rows [B]`` of it, and copy the results back once.
 
-        ``hidden [B, H]`` row i is the state that produced ``last_tokens[i]``;
-        a ``last_tokens`` entry of -1 matches nothing and gets no draft.
+        Both indexes are searched (``top_k`` each) unless ``search`` is False; the online store only
+        when it holds keys. Nothing waits on the device until the one copy back; a state with NaN/inf
+        raises ValueError after it.
         """
-        batch = hidden.shape[0]
-        max_len = np.broadcast_to(np.asarray(max_len, dtype=np.int64), (batch,))
-        width = min(int(max_len.max(initial=0)), self.datastore.n_next)
-        if width <= 0:
-            self.stats.calls += 1
-            self.stats.requests += batch
-            return [[] for _ in range(batch)]
+        stats = self.stats
+        stats.calls += 1
+        stats.requests += len(rows)
         start = time.perf_counter()
-        queries = self.datastore.projection(hidden)
-        self.stats.projection_s += time.perf_counter() - start
-        found = self.candidates(queries, last_tokens, width)
-        lengths = np.minimum(found.lengths(self.min_support if self.merge == "trie" else 0.0), max_len)
-        self.stats.draft_tokens += int(lengths.sum())
-        return [found.tokens[i, : lengths[i]].tolist() for i in range(batch)]
+        keys, finite = self.datastore.projection.project(verified)
+        queries = keys[torch.from_numpy(np.maximum(rows, 0)).to(keys.device, non_blocking=True)]
+        projected = time.perf_counter()
+        stats.projection_s += projected - start
+        device: list[torch.Tensor] = [finite]
+        if search:
+            with omp_threads(self.search_threads):
+                device += self.datastore.index.search_tensors(queries, self.top_k)
+        searched = time.perf_counter()
+        if search:
+            stats.search_s += searched - projected
+        searching_online = search and online is not None and len(online) > 0
+        if online is not None:
+            device.append(online.assign(keys))
+            if searching_online:
+                device += online.search_tensors(queries, self.top_k)
+            stats.online_search_s += time.perf_counter() - searched
+        start = time.perf_counter()
+        host = self._copy(device)
+        stats.copy_s += time.perf_counter() - start
+        if not host[0].all():
+            bad = np.flatnonzero(~host[0])
+            raise ValueError(
+                f"hidden states contain NaN/inf in {len(bad)} of {len(host[0])} rows (rows {bad[:8].tolist()})"
+            )
+        empty = np.empty((len(rows), 0))
+        scores, ids = (host[1], host[2]) if search else (empty.astype(np.float32), empty.astype(np.int64))
+        lists = host[3 if search else 1] if online is not None else None
+        o_scores = o_values = None
+        if searching_online:
+            assert online is not None
+            o_scores, o_values = host[4], online.values_of(host[5])
+        return Found(keys, lists, scores, ids, o_scores, o_values)
 
-    def candidates(
-        self, queries: torch.Tensor, last_tokens: np.ndarray, width: int, online: OnlineStore | None = None
-    ) -> DenseCandidates:
-        """The merged chain of ``width`` tokens per request from projected ``queries [B, d]``.
+    def candidates(self, found: Found, last_tokens: np.ndarray, width: int) -> DenseCandidates:
+        """The merged chain of ``width`` tokens per request from the hits of :meth:`search`.
 
-        Hits of the static index and of ``online`` (searched alike, ``top_k`` each) compete on
-        similarity for the ``max_candidates`` slots. Online hits whose continuation is not known yet
-        do not count.
+        Hits of the static index and of the online store compete on similarity for the
+        ``max_candidates`` slots. Online hits whose continuation is not known yet do not count.
         """
-        batch = queries.shape[0]
+        scores, ids = found.scores, found.ids
+        batch = scores.shape[0]
         last_tokens = np.asarray(last_tokens, dtype=np.int64)
         if last_tokens.shape != (batch,):
             raise ValueError(f"last_tokens must have shape ({batch},), got {last_tokens.shape}")
         stats = self.stats
-        stats.calls += 1
-        stats.requests += batch
         start = time.perf_counter()
-        with omp_threads(self.search_threads):
-            scores, ids = self.datastore.index.search(queries, self.top_k)
-        searched = time.perf_counter()
-
         keep = self.datastore.first_tokens(ids) == last_tokens[:, None]
         stats.hits += int((ids >= 0).sum())
         stats.survivors += int(keep.sum())
         rows = np.arange(batch)[:, None]  # fancy-indexes [B, C] picks (take_along_axis costs more per call)
-        if online is not None and len(online):
-            o_scores, o_values = online.search(queries, self.top_k)
+        if found.online_values is not None and found.online_scores is not None:
+            o_scores, o_values = found.online_scores, found.online_values
             o_keep = (o_values[:, :, 0] == last_tokens[:, None]) & (o_values[:, :, 1] >= 0)
             stats.online_survivors += int(o_keep.sum())
             # Static hits come best first, so one stable sort of both lists keeps their order and gives ties
@@ -178,10 +214,8 @@ class Retriever:
             chains, support = trie_path(drafts, weights, valid)
         # An online value not known yet (-1) ends the chain.
         support = np.where(np.logical_and.accumulate(chains >= 0, axis=1), support, 0.0).astype(np.float32)
-        stats.search_s += searched - start
-        stats.merge_s += time.perf_counter() - searched
-        top = np.where(valid[:, 0], cand_scores[:, 0], 0.0)
-        return DenseCandidates(chains, support, valid.sum(axis=1), top, drafts, valid)
+        stats.merge_s += time.perf_counter() - start
+        return DenseCandidates(chains, support, valid.sum(axis=1), drafts, valid)
 
 
 @dataclasses.dataclass
@@ -191,29 +225,14 @@ class DenseCandidates:
     tokens: np.ndarray  # int64 [B, W]
     support: np.ndarray  # float32 [B, W]: share of the survivors' weight still on the chain at depth j; 0 = none
     survivors: np.ndarray  # int64 [B]
-    top_similarity: np.ndarray  # float32 [B]: similarity of the nearest survivor (0 without one)
-    drafts: np.ndarray | None = None  # int32 [B, C, W]: every merged survivor's continuation, best first
-    valid: np.ndarray | None = None  # bool [B, C]
+    drafts: np.ndarray  # int32 [B, C, W]: every merged survivor's continuation, best first
+    valid: np.ndarray  # bool [B, C]
 
     def lengths(self, min_support: float) -> np.ndarray:
         """Chain lengths where the support stays >= ``min_support`` (and > 0)."""
         # The relative slack keeps a branch that every survivor shares at exactly 1.0 support.
         enough = (self.support >= min_support * (1 - 1e-6)) & (self.support > 0)
         return np.logical_and.accumulate(enough, axis=1).sum(axis=1)
-
-
-def merge_trie(
-    drafts: np.ndarray, weights: np.ndarray, valid: np.ndarray, min_support: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge ``drafts [B, C, W]`` (candidates best first) into one chain per request.
-
-    ``weights [B, C]`` are the candidates' similarity weights (0 where ``valid`` is False).
-    Returns ``(chains [B, W], lengths [B])``: row b's draft is ``chains[b, :lengths[b]]``, cut at the
-    first depth where its branch holds less than ``min_support`` of the total weight.
-    """
-    chains, support = trie_path(drafts, weights, valid)
-    lengths = DenseCandidates(chains, support, valid.sum(axis=1), np.zeros(len(chains))).lengths(min_support)
-    return chains, lengths
 
 
 def trie_path(drafts: np.ndarray, weights: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from dresd_vllm.datastore_writer import append_datastore, token_store_from_seque
 from dresd_vllm.index import build_index, new_index, set_search_defaults, train_index, train_rows
 from dresd_vllm.manifest import DatastoreError, Manifest
 from dresd_vllm.projection import Projection
+from dresd_vllm.search import SearchOptions
 
 H, D, VOCAB, N_NEXT, EOS = 48, 16, 500, 4, 1
 
@@ -64,7 +65,8 @@ def test_append_retrieves_like_a_build_of_both(parts, factory, tmp_path):
     both = write_datastore(tmp_path / "ab", manifest(len(offsets), factory), projection, trained, tokens, offsets)
 
     nprobe = None if factory == "Flat" else 4  # of 16 lists: approximate, so the lists' contents matter
-    got, want = Datastore.load(appended, nprobe=nprobe), Datastore.load(both, nprobe=nprobe)
+    options = SearchOptions(nprobe=nprobe)
+    got, want = Datastore.load(appended, options), Datastore.load(both, options)
     assert got.manifest.num_keys == want.manifest.num_keys == len(keys_a) + len(keys_b)
     assert got.manifest.build["appended"][0]["corpus"] == "b" and got.manifest.build["appended"][0]["keys"] == 659
     np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -21,6 +21,7 @@ from dresd_vllm.datastore_writer import token_store_from_sequences, write_datast
 from dresd_vllm.index import build_index
 from dresd_vllm.manifest import FORMAT_VERSION, DatastoreError, Manifest, tokenizer_fingerprint
 from dresd_vllm.projection import Projection
+from dresd_vllm.search import SearchOptions
 
 H, D, VOCAB, N_NEXT, EOS = 32, 8, 50, 4, 1
 REPO = Path(__file__).resolve().parent.parent
@@ -129,7 +130,7 @@ def test_auto_index_and_nprobe_are_recorded(parts, tmp_path):
     path = write_datastore(tmp_path / "b", manifest, parts.projection, ivf, tokens, offsets)
     ds = Datastore.load(path)
     assert ds.manifest.nprobe == 5 and ds.index.nprobe == 5
-    assert Datastore.load(path, nprobe=2).index.nprobe == 2
+    assert Datastore.load(path, SearchOptions(nprobe=2)).index.nprobe == 2
 
 
 def test_replaces_a_datastore_but_nothing_else(parts, store, tmp_path):

@@ -1,6 +1,5 @@
-"""The retriever: first-token filter, trie and top-1 merges, lengths, stats, and the vectorised merge."""
+"""The retriever: search and one copy back, first-token filter, trie and top-1 merges, lengths, stats, the merge."""
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,9 @@ import torch
 from dresd_vllm.datastore import Datastore
 from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
 from dresd_vllm.manifest import Manifest
+from dresd_vllm.online_store import OnlineStore
 from dresd_vllm.projection import Projection
-from dresd_vllm.retriever import Retriever, RetrieverStats, merge_trie
+from dresd_vllm.retriever import DenseCandidates, Retriever, RetrieverStats, trie_path
 
 H = 8
 N_NEXT = 4
@@ -76,6 +76,18 @@ def axis(i: int, batch: int = 1) -> torch.Tensor:
     return torch.eye(H)[i].repeat(batch, 1)
 
 
+def draft(r: Retriever, hidden: torch.Tensor, last: np.ndarray, max_len: int | np.ndarray = 10) -> list[list[int]]:
+    """Each request's chain cut at the retriever's min_support (trie) and at ``max_len``."""
+    found = r.candidates(r.search(hidden, np.arange(len(hidden))), last, N_NEXT)
+    lengths = np.minimum(found.lengths(r.min_support if r.merge == "trie" else 0.0), max_len)
+    return [found.tokens[i, : lengths[i]].tolist() for i in range(len(hidden))]
+
+
+def merge_trie(drafts, weights, valid, min_support):
+    chains, support = trie_path(drafts, weights, valid)
+    return chains, DenseCandidates(chains, support, valid.sum(axis=1), drafts, valid).lengths(min_support)
+
+
 def test_the_keys_are_where_the_test_thinks(datastore):
     scores, ids = datastore.index.search(datastore.projection(axis(0)), 3)
     np.testing.assert_allclose(scores[0], [0.99, 0.98, 0.50], atol=2e-3)
@@ -84,57 +96,77 @@ def test_the_keys_are_where_the_test_thinks(datastore):
 
 def test_first_token_filter_and_top1(datastore):
     r = Retriever(datastore, top_k=10, merge="top1", max_candidates=10)
-    assert r.draft(axis(0, 3), np.array([5, 7, 3]), 10) == [[1, 2, 3, 4], [9, 9, 9, 9], []]
-    assert r.draft(axis(1), np.array([6]), 10) == [[1, 2, 3, 9]]  # the nearest survivor
+    assert draft(r, axis(0, 3), np.array([5, 7, 3]), 10) == [[1, 2, 3, 4], [9, 9, 9, 9], []]
+    assert draft(r, axis(1), np.array([6]), 10) == [[1, 2, 3, 9]]  # the nearest survivor
 
 
 def test_trie_follows_the_heaviest_branch(datastore):
     r = Retriever(datastore, top_k=10, merge="trie", min_support=0.0)
-    assert r.draft(axis(1), np.array([6]), 10) == [[4, 5, 6, 9]]  # E + F outweigh the nearer D
-    assert r.draft(axis(0), np.array([5]), 10) == [[1, 2, 3, 4]]  # A and C agree on 1 2, A is heavier after
+    assert draft(r, axis(1), np.array([6]), 10) == [[4, 5, 6, 9]]  # E + F outweigh the nearer D
+    assert draft(r, axis(0), np.array([5]), 10) == [[1, 2, 3, 4]]  # A and C agree on 1 2, A is heavier after
 
 
 def test_trie_stops_where_support_runs_out(datastore):
     # axis 1: total weight 2.59; the E/F branch holds 1.69 (0.65) for two tokens, then E alone 0.85 (0.33)
-    assert Retriever(datastore, top_k=10, min_support=0.5).draft(axis(1), np.array([6]), 10) == [[4, 5]]
-    assert Retriever(datastore, top_k=10, min_support=0.7).draft(axis(1), np.array([6]), 10) == [[]]
+    assert draft(Retriever(datastore, top_k=10, min_support=0.5), axis(1), np.array([6]), 10) == [[4, 5]]
+    assert draft(Retriever(datastore, top_k=10, min_support=0.7), axis(1), np.array([6]), 10) == [[]]
     # axis 0: A + C share 1 2 (support 1.0), then A alone holds 0.99 / 1.49 = 0.66
-    assert Retriever(datastore, top_k=10, min_support=0.7).draft(axis(0), np.array([5]), 10) == [[1, 2]]
-    assert Retriever(datastore, top_k=10, min_support=1.0).draft(axis(0), np.array([5]), 10) == [[1, 2]]
+    assert draft(Retriever(datastore, top_k=10, min_support=0.7), axis(0), np.array([5]), 10) == [[1, 2]]
+    assert draft(Retriever(datastore, top_k=10, min_support=1.0), axis(0), np.array([5]), 10) == [[1, 2]]
 
 
 def test_max_candidates_keeps_the_nearest_survivors(datastore):
     r = Retriever(datastore, top_k=10, min_support=0.0, max_candidates=1)
-    assert r.draft(axis(1), np.array([6]), 10) == [[1, 2, 3, 9]]  # only D is merged: the same as top-1
+    assert draft(r, axis(1), np.array([6]), 10) == [[1, 2, 3, 9]]  # only D is merged: the same as top-1
 
 
 @pytest.mark.parametrize("merge", ["trie", "top1"])
 def test_lengths_per_request(datastore, merge):
     r = Retriever(datastore, top_k=10, merge=merge, min_support=0.0)
     last = np.array([5, 5, 5, -1])
-    assert r.draft(axis(0, 4), last, np.array([2, 0, 10, 10])) == [[1, 2], [], [1, 2, 3, 4], []]
-    assert r.draft(axis(0, 2), last[:2], 0) == [[], []]
+    assert draft(r, axis(0, 4), last, np.array([2, 0, 10, 10])) == [[1, 2], [], [1, 2, 3, 4], []]
+    assert draft(r, axis(0, 2), last[:2], 0) == [[], []]
 
 
 def test_stats(datastore):
     r = Retriever(datastore, top_k=3, max_candidates=3)
-    r.draft(axis(0, 2), np.array([5, 7]), 3)
+    draft(r, axis(0, 2), np.array([5, 7]), 3)
     s = r.stats
-    assert (s.calls, s.requests, s.hits, s.survivors, s.draft_tokens) == (1, 2, 6, 3, 6)
+    assert (s.calls, s.requests, s.hits, s.survivors) == (1, 2, 6, 3)
     assert s.projection_s > 0 and s.search_s > 0 and s.merge_s > 0
+    assert s.online_search_s == 0 and s.online_survivors == 0  # no online store
     snapshot = s.snapshot()
     s.reset()
     assert s == RetrieverStats() and snapshot.calls == 1
+
+
+def test_search_copies_back_once_and_books_the_online_search_as_its_own_stage(datastore):
+    online = OnlineStore(H, N_NEXT, capacity=16)
+    r = Retriever(datastore, top_k=4)
+    verified = axis(0, 3)  # three verified rows; the last two are requests' queries
+    found = r.search(verified, np.array([0, 2]), online)
+    assert r._copy.copies == 1 and found.online_scores is None  # an empty store is not searched
+    assert found.keys.shape == (3, H) and found.lists is not None and found.lists.tolist() == [0, 0, 0]
+    assert found.scores.shape == found.ids.shape == (2, 4)
+    online.add(found.keys, ["a", "a", "b"], np.array([0, 1, 0]), found.lists)
+    online.fill(["a", "b"], np.array([[5, 1, 2, 3, 4, 9], [5, 1, 2, 0, 0, 0]]), np.array([6, 3]))
+    found = r.search(verified, np.array([0, 2]), online)
+    assert r._copy.copies == 2 and r.stats.online_search_s > 0 and r.stats.search_s > 0
+    assert found.online_values is not None and found.online_values.shape == (2, 4, N_NEXT + 1)
+    chains = r.candidates(found, np.array([5, 5]), N_NEXT)
+    assert r.stats.online_survivors > 0 and chains.tokens[0].tolist() == [1, 2, 3, 4]
+    stood_down = r.search(verified, np.array([0, 2]), online, search=False)  # keys for the store only
+    assert stood_down.ids.shape == (2, 0) and stood_down.online_values is None and r._copy.copies == 3
 
 
 def test_bad_input(datastore):
     r = Retriever(datastore, top_k=4)
     hidden = axis(0, 2)
     hidden[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN/inf in 1 of 2 rows"):
-        r.draft(hidden, np.array([5, 5]), 4)
+    with pytest.raises(ValueError, match=r"NaN/inf in 1 of 2 rows \(rows \[1\]\)"):
+        draft(r, hidden, np.array([5, 5]), 4)
     with pytest.raises(ValueError, match=r"last_tokens must have shape \(2,\)"):
-        r.draft(axis(0, 2), np.array([5]), 4)
+        draft(r, axis(0, 2), np.array([5]), 4)
     with pytest.raises(ValueError, match="unknown merge 'vote'"):
         Retriever(datastore, merge="vote")
     with pytest.raises(ValueError, match=r"min_support must be in \[0, 1\], got 1.5"):
@@ -154,7 +186,7 @@ def test_drafts_from_stored_states_are_their_own_continuations(tmp_path):
     )
     rows = rng.choice(len(offsets), size=16, replace=False)
     values = ds.continuations(rows[:, None])[:, 0]
-    drafts = Retriever(ds, top_k=8, merge="top1").draft(torch.from_numpy(states[rows]), values[:, 0], 3)
+    drafts = draft(Retriever(ds, top_k=8, merge="top1"), torch.from_numpy(states[rows]), values[:, 0], 3)
     assert drafts == values[:, 1:4].tolist()
 
 
@@ -196,11 +228,3 @@ def test_merge_of_identical_drafts_and_of_one_candidate():
     weights = np.array([[0.5, 0.5], [0.2, 0.0]], dtype=np.float32)
     chains, lengths = merge_trie(drafts, weights, valid, 1.0)
     assert [c[:n].tolist() for c, n in zip(chains, lengths, strict=True)] == [[3, 4, 5], [7, 8, 9]]
-
-
-def test_stats_fields_are_what_the_proposer_reports():
-    names = [f.name for f in dataclasses.fields(RetrieverStats)]
-    assert names == [
-        "calls", "requests", "projection_s", "search_s", "merge_s", "hits", "survivors", "draft_tokens",
-        "online_survivors",
-    ]  # fmt: skip
