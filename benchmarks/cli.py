@@ -18,7 +18,7 @@ import sys
 
 from build_tools.cli import comma_list, engine_args_type, non_negative_int, positive_int
 from build_tools.data import TEMPLATES, InputError, load_rows
-from dresd_vllm.assets import (
+from dresd_assets import (
     DEFAULT_DATASET,
     DEFAULT_DRAFT_MODEL,
     DEFAULT_ID_CORPUS,

@@ -2,7 +2,7 @@
 
 1. `dresd-build datastore`, twice and side by side (vLLM runs a model on one core, the machine has
    two): the ID datastore over the shipped ID corpus (SmolLM2's own answers to training prompts,
-   `dresd_vllm.assets.DEFAULT_ID_CORPUS`, generated once by `python -m build_tools.embedded.id_corpus`)
+   `dresd_assets.DEFAULT_ID_CORPUS`, generated once by `python -m build_tools.embedded.id_corpus`)
    and the OOD one over the corpus's real answers to the same prompts;
 2. `dresd-build rest`: REST's suffix array over the ID corpus, the same data as DReSD-ID's;
 3. `dresd-bench compare`: every method on held-out prompts, with SmolLM2's distilled draft model as
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_ID_CORPUS, check_default_model
+from dresd_assets import DEFAULT_DATASET, DEFAULT_ID_CORPUS, check_default_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "demo"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from build_tools.data import TEMPLATES, InputError
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_MODEL, ModelMissingError, check_default_model
+from dresd_assets import DEFAULT_DATASET, DEFAULT_MODEL, ModelMissingError, check_default_model
 
 
 def engine_args_type(reserved: set[str], why: str) -> Callable[[str], dict[str, Any]]:

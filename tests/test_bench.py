@@ -48,6 +48,7 @@ def common(tiny_model: str, bench_data: dict, own_datastore: str, out: Path) -> 
     ]  # fmt: skip
 
 
+@pytest.mark.engine
 def test_per_step_figures_count_every_step_near_max_model_len(tmp_path):
     """k = 10 against 32 tokens: near max_model_len, vLLM skips the drafter and verifies k placeholders.
 
@@ -55,7 +56,7 @@ def test_per_step_figures_count_every_step_near_max_model_len(tmp_path):
     request step; the request steps are counted on every step all the same (the engine's own execute_model),
     or drafted steps would pass 100% and draft tokens per step pass k where the drafter is skipped.
     """
-    from dresd_vllm.assets import TINY_DRAFT_MODEL, TINY_MODEL
+    from dresd_assets import TINY_DRAFT_MODEL, TINY_MODEL
 
     out = tmp_path / "compare"
     run = run_bench(
@@ -69,7 +70,6 @@ def test_per_step_figures_count_every_step_near_max_model_len(tmp_path):
         # Each output token is a step's sampled token or an accepted draft token (vLLM also counts the
         # accepted tokens that max_tokens cut, hence >=).
         assert m["output_tokens"] - m["accepted_tokens"] <= m["request_steps"] <= m["output_tokens"], m["name"]
-        assert m["tokens_per_step"] == pytest.approx(m["output_tokens"] / m["request_steps"]), m["name"]
         assert m["proposer_steps"] == m["request_steps"], m["name"]
 
 
@@ -93,9 +93,6 @@ def test_sweep_replays_every_point_and_picks_the_best_estimate(tiny_model, bench
         mine = [points[f"{entry} {g}"] for g in grid]
         assert best["estimated_speedup"] == max(p["estimated_speedup"] for p in mine)
         assert best["point"] == f"{entry} top_k={best['top_k']} token_cost={best['token_cost']}"
-    for p in points.values():
-        cost = report["token_cost"]
-        assert p["estimated_speedup"] == pytest.approx(p["tokens_per_step"] / (1 + cost * p["draft_tokens_per_step"]))
     # A dearer token cuts drafts shorter.
     cheap, dear = (points[f"dresd-ID+context top_k=50 token_cost={c}"] for c in (0.02, 0.5))
     assert dear["draft_tokens_per_step"] < cheap["draft_tokens_per_step"]
@@ -138,9 +135,6 @@ def test_compare_runs_every_method_losslessly_in_one_run(tiny_model, bench_data,
         assert m["drafts"] <= m["request_steps"] <= m["output_tokens"], name
         assert m["output_tokens"] - m["accepted_tokens"] <= m["request_steps"], name
         assert m["drafted_step_share"] <= 1 and m["draft_tokens_per_step"] <= 4, name
-        assert m["tokens_per_step"] == pytest.approx(m["output_tokens"] / m["request_steps"]), name
-        assert m["drafted_step_share"] == pytest.approx(m["drafts"] / m["request_steps"]), name
-        assert m["draft_tokens_per_step"] == pytest.approx(m["draft_tokens"] / m["request_steps"]), name
         assert len(m["acceptance_by_position"]) == 4, name
         assert m["proposer_steps"] > 0 and 0 < m["proposer_share"] < 1, name
     assert methods["dresd-ID"]["mean_acceptance_length"] > 2  # the store holds these very answers

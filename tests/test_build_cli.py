@@ -69,6 +69,7 @@ def test_a_typo_in_engine_args_is_refused_before_anything_is_written(tiny_model,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.engine
 def test_generate_says_starting_engine_and_rates_leave_start_up_out(tiny_model, build_corpus, tmp_path, capsys):
     out = tmp_path / "id.jsonl"
     with in_process_vllm():

@@ -11,7 +11,7 @@ import pytest
 from conftest import ENGINE_DEFAULTS, in_process_vllm
 from vllm import SamplingParams
 
-from dresd_vllm.assets import DEFAULT_DATASET, DEFAULT_ID_CORPUS, DEFAULT_MODEL, check_default_model
+from dresd_assets import DEFAULT_DATASET, DEFAULT_ID_CORPUS, DEFAULT_MODEL, check_default_model
 
 STORE_ROWS = 12  # corpus rows in the datastore; the first PROMPTS of them are asked again
 PROMPTS = 3

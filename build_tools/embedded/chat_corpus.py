@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from build_tools.data import load_rows
-from dresd_vllm.assets import ASSETS, DEFAULT_MODEL, check_default_model
+from dresd_assets import ASSETS, DEFAULT_MODEL, check_default_model
 from dresd_vllm.atomic import write_atomic
 
 REPO = Path(__file__).resolve().parents[2]

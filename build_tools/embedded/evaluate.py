@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from dresd_vllm.assets import DEFAULT_DATASET, TINY_MODEL
+from dresd_assets import DEFAULT_DATASET, TINY_MODEL
 
 
 def parses(text: str) -> bool:

@@ -7,7 +7,7 @@ deduplicated, then split by top-level package (never within one) into a training
 held-out evaluation part of a few hundred pairs. The output depends only on the stdlib of the
 running Python version, which manifest.json records:
 
-    python -m build_tools.embedded.extract_corpus [--out dresd_vllm/assets/corpus]
+    python -m build_tools.embedded.extract_corpus [--out dresd_assets/corpus]
 """
 
 import argparse
@@ -33,7 +33,7 @@ MIN_LINES = 3  # def line + docstring alone is not a function worth learning
 EVAL_PAIRS = 400  # eval packages are added (in a seeded order) until the eval part has this many
 MAX_EVAL_PACKAGE = 80  # a bigger package stays in train, so no single package dominates eval
 SPLIT_SEED = "dresd-embedded-v1"
-OUT = Path(__file__).resolve().parents[2] / "dresd_vllm" / "assets" / "corpus"
+OUT = Path(__file__).resolve().parents[2] / "dresd_assets" / "corpus"
 
 
 def stdlib_modules(root: Path = STDLIB) -> list[tuple[str, Path]]:

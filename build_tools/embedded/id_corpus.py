@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from dresd_vllm.assets import DEFAULT_ID_CORPUS, check_default_model
+from dresd_assets import DEFAULT_ID_CORPUS, check_default_model
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = 600

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from build_tools.tiny_model import make_llama, save_checkpoint, train_tokenizer
-from dresd_vllm.assets import (
+from dresd_assets import (
     DEFAULT_DATASET,
     DEFAULT_DRAFT_MODEL,
     DEFAULT_ID_CORPUS,
