@@ -1,10 +1,11 @@
-"""`dresd-bench retrieval` (or `python -m benchmarks.retrieval`): the retrieval path alone, no LLM.
+"""`dresd-bench retrieval` (or `python -m benchmarks.retrieval`): the served drafting step alone, no LLM.
 
-For each datastore size it builds a datastore of synthetic LLM-like hidden states, then measures
-one `Retriever.draft` call (projection + search + first-token filter + merge) at several batch
-sizes: p50/p99 latency, recall@K of the index against exact search on held-out states, the
-self-retrieval MRR, and bytes per key on disk and in memory. JSON out and a printed table.
-Runs on the CPU, or on a GPU with `--device cuda` (FAISS GPU when installed, else the torch backend).
+For each datastore size it builds a datastore of synthetic LLM-like hidden states, then times the
+served path, :meth:`Drafter.step` (projection, static search, online search, the copy back, merge,
+context, scoring and cut), at several batch sizes: p50/p99 of the step and of each stage, recall@K
+of the index against exact search on held-out states, the self-retrieval MRR, and bytes per key on
+disk and in memory. ``--online-keys N`` first fills the online store with N keys drawn like the
+datastore's. JSON out and a printed table. Runs on the CPU, or on a GPU with `--device cuda`.
 The synthetic states are `benchmarks.synthetic`'s. With `--work-dir` the datastores are kept there and
 a later run with the same build settings only loads and measures them.
 """
@@ -25,13 +26,22 @@ import numpy as np
 import torch
 
 from build_tools.cli import comma_list
+from dresd_vllm.config import DresdConfig
 from dresd_vllm.datastore import Datastore
+from dresd_vllm.drafting import Drafter
 from dresd_vllm.evaluation import recall_at_k, self_retrieval_mrr
-from dresd_vllm.retriever import MERGES, Retriever
-from dresd_vllm.search import BACKENDS
+from dresd_vllm.retriever import MERGES
+from dresd_vllm.search import BACKENDS, SearchOptions
 
 from .report import finish, fmt, markdown_table, table
-from .synthetic import SyntheticSettings, open_or_build, peak_rss_mb
+from .synthetic import SyntheticCorpus, SyntheticSettings, open_or_build, peak_rss_mb
+
+# Stages of a step: the retriever's, then the drafter's.
+RETRIEVER_STAGES = ("projection", "search", "online_search", "copy", "merge")
+DRAFTER_STAGES = ("context", "score")
+STAGES = RETRIEVER_STAGES + DRAFTER_STAGES
+# Tokens of each request's history before the first timed step (what the context source searches).
+_HISTORY = 64
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -39,40 +49,73 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
-def measure_latency(
-    retriever: Retriever,
+def fill_online(drafter: Drafter, corpus: SyntheticCorpus, num_keys: int, rng: np.random.Generator) -> None:
+    """Fill the drafter's online store with ``num_keys`` keys drawn like the datastore's, with stored values."""
+    online, ds = drafter.online, drafter.datastore
+    if online is None or num_keys == 0:
+        return
+    for start in range(0, num_keys, 65_536):
+        clusters, _ = corpus.sample(min(65_536, num_keys - start), rng)
+        keys = ds.projection(torch.from_numpy(corpus.states(clusters, rng)).to(ds.index.device))
+        values = ds.continuations(rng.integers(0, ds.manifest.num_keys, size=len(clusters)))
+        online.add_complete(keys, values)
+
+
+def measure_steps(
+    drafter: Drafter,
     hidden: torch.Tensor,
-    last_tokens: np.ndarray,
+    produced: np.ndarray,
     batch_size: int,
     iters: int,
     warmup: int,
     max_len: int,
     rng: np.random.Generator,
 ) -> dict[str, Any]:
-    """p50/p99/mean of one ``draft`` call on random batches of the held-out states, and its stages."""
-    stages = ("projection", "search", "merge")
-    times: dict[str, list[float]] = {name: [] for name in ("total", *stages)}
-    stats = retriever.stats
-    for i in range(warmup + iters):
+    """p50/p99/mean of ``Drafter.step`` for one batch of decoding requests, and of each of its stages.
+
+    Each step the requests sample one token (a held-out state's own next token) and verify it: one
+    verified state per request, whose key the online store then adds.
+    """
+    steps = warmup + iters
+    req_ids = [f"req-{batch_size}-{i}" for i in range(batch_size)]
+    token_ids = rng.integers(2, drafter.datastore.manifest.vocab_size, size=(batch_size, _HISTORY + steps + 1))
+    num_tokens = np.full(batch_size, _HISTORY)
+    caps = np.full(batch_size, max_len)
+    times: dict[str, list[float]] = {name: [] for name in ("total", *STAGES)}
+    survivors = drafted = 0
+    for i in range(steps):
         rows = rng.choice(hidden.shape[0], size=batch_size, replace=False)
-        batch, last = hidden[torch.from_numpy(rows).to(hidden.device)], last_tokens[rows]
-        if i == warmup:
-            stats.reset()
-        before = stats.snapshot()
+        token_ids[:, num_tokens[0]] = produced[rows]
+        num_tokens += 1
+        sampled = [[int(t)] for t in produced[rows]]
+        verified = hidden[torch.from_numpy(rows).to(hidden.device)]
+        before = drafter.retriever.stats.snapshot(), _drafter_seconds(drafter.stats)
         t0 = time.perf_counter()
-        retriever.draft(batch, last, max_len)
+        drafts = drafter.step(req_ids, sampled, num_tokens, token_ids, verified, caps)
         total = time.perf_counter() - t0
-        if i >= warmup:
-            times["total"].append(total)
-            for name in stages:
-                times[name].append(getattr(stats, f"{name}_s") - getattr(before, f"{name}_s"))
-    requests = max(stats.requests, 1)
+        if i < warmup:
+            continue
+        times["total"].append(total)
+        for name in RETRIEVER_STAGES:
+            times[name].append(getattr(drafter.retriever.stats, f"{name}_s") - getattr(before[0], f"{name}_s"))
+        for name in DRAFTER_STAGES:
+            times[name].append(getattr(drafter.stats, f"{name}_s") - before[1][f"{name}_s"])
+        survivors += drafter.retriever.stats.survivors - before[0].survivors
+        drafted += sum(map(len, drafts))
+    requests = batch_size * iters
     return {
         **_percentiles(times["total"]),
-        **{f"{name}_ms": 1e3 * float(np.median(times[name])) for name in stages},  # medians, like p50
-        "survivors_per_request": stats.survivors / requests,
-        "draft_tokens_per_request": stats.draft_tokens / requests,
+        "stages": {name: _percentiles(times[name]) for name in STAGES},
+        **{f"{name}_ms": 1e3 * float(np.median(times[name])) for name in STAGES},  # medians, like p50
+        "survivors_per_request": survivors / requests,
+        "draft_tokens_per_request": drafted / requests,
+        "online_keys_after": len(drafter.online) if drafter.online is not None else 0,
     }
+
+
+def _drafter_seconds(stats: Any) -> dict[str, float]:
+    """The drafter's stage seconds now (its stats object keeps counting)."""
+    return {f"{name}_s": getattr(stats, f"{name}_s") for name in DRAFTER_STAGES}
 
 
 def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[str, Any]]:
@@ -97,41 +140,59 @@ def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[
     results = []
     for nprobe in args.nprobe or [None]:
         t0 = time.perf_counter()
-        ds = Datastore.load(path, backend=args.backend, device=device, nprobe=nprobe)
+        ds = Datastore.load(path, SearchOptions(backend=args.backend, device=device, nprobe=nprobe))
         load_s = time.perf_counter() - t0
         recall = recall_at_k(ds.index, keys, ds.projection(hidden), args.top_k)
-        retriever = Retriever(ds, top_k=args.top_k, merge=args.merge, min_support=args.min_support)
-        latency = {
-            str(b): measure_latency(retriever, hidden, produced, b, args.iters, args.warmup, args.max_len, rng)
-            for b in args.batch_sizes
-        }
         memory = ds.index.memory_bytes()
-        results.append(
-            {
-                "num_keys": num_keys,
-                "index_factory": ds.manifest.index_factory,
-                "nprobe": ds.index.nprobe,
-                "backend": ds.index.backend,
-                "device": str(device),
-                f"recall@{args.top_k}": recall,
-                "self_mrr": self_retrieval_mrr(ds.index, keys, args.top_k, sample_size=args.queries, seed=args.seed),
-                "bytes_per_key_disk": sum(disk.values()) / num_keys,
-                "disk_bytes": disk,
-                "bytes_per_key_memory": memory / num_keys,
-                # What the server holds per key: the searched structure (codes, ids, lists) and the offsets.
-                "bytes_per_key_server": (memory + ds.offsets.nbytes) / num_keys,
-                "bytes_per_key_token_store": (disk["tokens.npy"] + disk["offsets.npy"]) / num_keys,
-                "build_s": {**store.build_s, **ds.manifest.build},
-                "reused_build": store.reused,
-                "load_s": load_s,
-                "peak_rss_mb_build": store.peak_rss_mb_build,
-                "load_average_build": store.load_average_build,
-                "peak_rss_mb": peak_rss_mb(),
-                "load_average": os.getloadavg(),
-                "latency": latency,
-            }
-        )
-        print(table(HEADERS, _rows(results[-1:], args.top_k)), flush=True)
+        common = {
+            "num_keys": num_keys,
+            "index_factory": ds.manifest.index_factory,
+            "nprobe": ds.index.nprobe,
+            "backend": ds.index.backend,
+            "device": str(device),
+            f"recall@{args.top_k}": recall,
+            "self_mrr": self_retrieval_mrr(ds.index, keys, args.top_k, sample_size=args.queries, seed=args.seed),
+            "bytes_per_key_disk": sum(disk.values()) / num_keys,
+            "disk_bytes": disk,
+            "bytes_per_key_memory": memory / num_keys,
+            # What the server holds per key: the searched structure (codes, ids, lists) and the offsets.
+            "bytes_per_key_server": (memory + ds.offsets.nbytes) / num_keys,
+            "bytes_per_key_token_store": (disk["tokens.npy"] + disk["offsets.npy"]) / num_keys,
+            "build_s": {**store.build_s, **ds.manifest.build},
+            "reused_build": store.reused,
+            "load_s": load_s,
+            "peak_rss_mb_build": store.peak_rss_mb_build,
+            "load_average_build": store.load_average_build,
+        }
+        for online_keys in args.online_keys:
+            config = DresdConfig.from_dict(
+                {
+                    "datastore": str(path),
+                    "top_k": args.top_k,
+                    "merge": args.merge,
+                    "min_support": args.min_support,
+                    "online_store_size": args.online_capacity,
+                    "token_cost": args.token_cost,
+                }
+            )
+            latency = {}
+            for b in args.batch_sizes:  # a fresh drafter (and store) per batch size: no state carries over
+                drafter = Drafter(ds, config, device=device)
+                fill_online(drafter, corpus, online_keys, np.random.default_rng(args.seed + 3))
+                latency[str(b)] = measure_steps(
+                    drafter, hidden, produced, b, args.iters, args.warmup, args.max_len, rng
+                )
+            results.append(
+                {
+                    **common,
+                    "online_keys": online_keys,
+                    "online_capacity": args.online_capacity,
+                    "peak_rss_mb": peak_rss_mb(),
+                    "load_average": os.getloadavg(),
+                    "latency": latency,
+                }
+            )
+            print(table(HEADERS, _rows(results[-1:], args.top_k)), flush=True)
     return results
 
 
@@ -140,10 +201,11 @@ HEADERS = [
     "index",
     "nprobe",
     "backend",
+    "online",
     "batch",
     "p50 ms",
     "p99 ms",
-    "proj/search/merge ms",
+    "proj/search/online/copy/merge/context/score p50 ms",
     "recall",
     "B/key mem",
     "B/key disk",
@@ -154,13 +216,14 @@ def _rows(results: list[dict[str, Any]], top_k: int) -> list[list[str]]:
     rows = []
     for r in results:
         for batch, lat in r["latency"].items():
-            stages = "/".join(fmt(lat[f"{s}_ms"], ".3f") for s in ("projection", "search", "merge"))
+            stages = "/".join(fmt(lat[f"{s}_ms"], ".3f") for s in STAGES)
             rows.append(
                 [
                     str(r["num_keys"]),
                     r["index_factory"],
                     fmt(r["nprobe"], "d"),
                     r["backend"],
+                    str(r["online_keys"]),
                     batch,
                     fmt(lat["p50_ms"], ".3f"),
                     fmt(lat["p99_ms"], ".3f"),
@@ -175,7 +238,7 @@ def _rows(results: list[dict[str, Any]], top_k: int) -> list[list[str]]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the `retrieval` subcommand on ``subparsers``."""
-    p = subparsers.add_parser("retrieval", help="latency, recall and size of the retrieval path alone (no LLM)")
+    p = subparsers.add_parser("retrieval", help="latency of the served drafting step, recall and size (no LLM)")
     _add_arguments(p)
     return p
 
@@ -188,7 +251,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="datastore sizes (default: 100000,1000000)",
     )
     p.add_argument(
-        "--batch-sizes", type=comma_list(int), default=[1, 8, 64], help="requests per retriever call (default: 1,8,64)"
+        "--batch-sizes", type=comma_list(int), default=[1, 16, 64], help="requests per step (default: 1,16,64)"
+    )
+    p.add_argument(
+        "--online-keys",
+        type=comma_list(int),
+        default=[0],
+        help="keys the online store holds before the first step, one run each, e.g. 0,100000 (default: 0)",
+    )
+    p.add_argument("--online-capacity", type=int, default=100_000, help="the online store's size (online_store_size)")
+    p.add_argument(
+        "--token-cost",
+        type=float,
+        default=0.0,
+        help="price of a draft token as a share of a step (token_cost); the default 0 never stands down, so "
+        "every stage runs at every batch size",
     )
     p.add_argument("--factory", default="auto", help="FAISS factory string, or auto (default)")
     p.add_argument(
@@ -212,7 +289,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-support", type=float, default=0.2)
     p.add_argument("--max-len", type=int, default=10, help="num_speculative_tokens (default: 10)")
     p.add_argument("--queries", type=int, default=500, help="held-out states for recall and timing")
-    p.add_argument("--iters", type=int, default=300, help="timed calls per batch size")
+    p.add_argument("--iters", type=int, default=300, help="timed steps per batch size")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
