@@ -235,7 +235,7 @@ def engine_environment(offline: bool) -> None:
     `offline`: for the commands that start `vllm.LLM` engines in this process (compare, sweep); serve
     keeps the settings it always had, which its servers inherit.
     """
-    # The CPU KV cache size of the design notes (GiB; vLLM's default takes a share of all memory).
+    # A 1 GiB CPU KV cache, as `make` and the tests use (vLLM's default takes a share of all memory).
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if offline:
         # In-process engines start in seconds rather than ~20 s on the CPU.
@@ -247,7 +247,7 @@ def engine_environment(offline: bool) -> None:
 
 
 def engine_kwargs(settings: Settings, max_num_seqs: int) -> dict[str, Any]:
-    """`vllm.LLM` arguments: the CPU settings of the design notes on a CPU build, then the user's."""
+    """`vllm.LLM` arguments: the project's CPU settings on a CPU build, then the user's."""
     from vllm.platforms import current_platform
 
     base = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3) if current_platform.is_cpu() else {}

@@ -15,15 +15,15 @@ import torch
 
 from dresd_vllm.torch_ivf import nprobe_for
 
-# Up to this many keys exact search costs at most ~1 ms per query on one CPU core
-# (d = 64: 50k x 256 B scanned) and loses nothing; above it IVF is ~10x faster.
+# Up to this many keys exact search (50k x 256 B scanned a query at d = 64) fits a decoding step's
+# budget on one CPU core and loses nothing; above it IVF, which scans a few lists, is the faster.
 FLAT_MAX_KEYS = 50_000
-# Up to this many keys the keys are kept whole (fp16, 136 bytes a key with its id: 270 MB at
-# 2M keys); above it they are product-quantised (PQ_CODE, see auto_factory).
+# Up to this many keys the keys are kept whole (fp16: 128 bytes a key, 8 more for its id); above
+# it they are product-quantised (PQ_CODE, see auto_factory).
 SQ_MAX_KEYS = 2_000_000
 PQ_CODE = "PQ32"
-# FAISS k-means warns below 39 training points per centroid; 64 gives centroids as
-# good for search as FAISS's own cap of 256 at a quarter of the training time.
+# FAISS k-means warns below 39 training points per centroid; 64 trains centroids good enough for
+# search in a quarter of the time of FAISS's own cap of 256.
 _TRAIN_PER_CENTROID = 64
 # HNSW's default efSearch (16) is below the paper's top_k = 50, which caps recall.
 DEFAULT_EF_SEARCH = 128
@@ -41,9 +41,8 @@ def auto_factory(num_keys: int) -> str:
     1e6 keys 4096 lists of ~250 keys). Up to :data:`SQ_MAX_KEYS` the lists hold the keys
     as fp16 (``SQfp16``): the keys are fp16 already (the projection rounds to fp16), so
     it is lossless, the same results as ``IVF{n},Flat`` at half the memory. Above it
-    they hold product-quantisation codes (:data:`PQ_CODE`, a quarter of the fp16 size: 44 bytes
-    a key with id and offset). On the retrieval benchmark's states PQ32 gave recall@50 0.86-0.91
-    (0.73 for PQ16); check a real store with ``dresd-build eval``.
+    they hold product-quantisation codes (:data:`PQ_CODE`, a quarter of the fp16 size), which cost
+    recall (docs/retrieval-at-scale.md); check a real store with ``dresd-build eval``.
     """
     if num_keys <= FLAT_MAX_KEYS:
         return "Flat"

