@@ -111,14 +111,21 @@ class DresdConfig(_Options):
     searched next to the datastore."""
     online_store_size: Annotated[int, Field(ge=1)] = 100000
     """Keys the online store holds; the oldest are evicted first."""
+    online_store_path: str | None = None
+    """Directory where the states the server verifies (projected keys) and the tokens they produced are
+    spooled, in checksummed chunks: reloaded into the online store at start-up, and a corpus for
+    `dresd-build datastore --append --spool`. It holds every user's served tokens: off (None) by default;
+    delete the directory to delete them."""
+    online_store_spool_bytes: Annotated[int, Field(ge=1)] = 2**30
+    """Most bytes the spool directory holds; past it the oldest chunks are deleted."""
     length_control: bool = True
     """Cut each draft where its estimated chance of acceptance no longer pays for verifying the token
     (false: the dense chain stops at min_support, the context chain at context_min_prob)."""
     adapt: bool = True
     """Calibrate the acceptance estimates from what vLLM accepted of each draft."""
     token_cost: Annotated[float | None, Field(ge=0.0)] = None
-    """Step time one more verified token per request adds, as a share of the step; None: 0.04 (CPU) or
-    0.004 (GPU) x batch size, at most 1."""
+    """Step time one more verified token per request adds, as a share of the step; None: fitted from the
+    engine's step times, starting from 0.04 x batch ** 1.15 (CPU) or 0.004 x batch (GPU), at most 1."""
 
     @model_validator(mode="after")
     def _datastore_is_a_directory(self) -> Self:
@@ -126,6 +133,19 @@ class DresdConfig(_Options):
             raise ValueError(
                 f"dresd 'datastore': {self.datastore!r} is not a directory; "
                 "point it at the output of `dresd-build datastore`"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _spool_is_the_online_stores(self) -> Self:
+        if self.online_store_path is None:
+            return self
+        if not self.online_store:
+            raise ValueError("dresd 'online_store_path' spools the online store's keys: it needs 'online_store': true")
+        if Path(self.online_store_path).exists() and not Path(self.online_store_path).is_dir():
+            raise ValueError(
+                f"dresd 'online_store_path': {self.online_store_path!r} exists and is not a directory; "
+                "point it at a directory (it is created if missing)"
             )
         return self
 

@@ -6,6 +6,7 @@ then calls `propose`, which drafts for the whole batch through one :class:`Draft
 """
 
 import dataclasses
+import time
 from typing import cast
 
 import faiss
@@ -47,7 +48,13 @@ class DresdProposer(GuardedProposer):
         # ModelConfig's dtype is typed as what the user may pass ("auto", ...); once made it is a torch.dtype.
         warn_dtype(self.datastore.manifest.dtype, cast(torch.dtype, model_config.dtype), self.config.datastore)
         # The index's device: vLLM's, or the CPU where vLLM leaves it unset (TPU).
-        self.drafter = Drafter(self.datastore, self.config, device=self.datastore.index.device)
+        self.drafter = Drafter(
+            self.datastore,
+            self.config,
+            device=self.datastore.index.device,
+            max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+            spool=_output_rank(),
+        )
         self.retriever = self.drafter.retriever
         # vLLM's batch-size schedule for num_speculative_tokens, applied here so no draft is made to be cut.
         schedule = self.speculative_config.num_speculative_tokens_per_batch_size
@@ -88,7 +95,9 @@ class DresdProposer(GuardedProposer):
             raise RuntimeError(f"captured {len(self._req_ids)} request ids for {len(sampled_token_ids)} requests")
         batch = len(sampled_token_ids)
         max_len = np.minimum(max_len, self._k_by_batch[min(batch, len(self._k_by_batch) - 1)])
-        return self.drafter.step(self._req_ids, sampled_token_ids, num_tokens, token_ids_cpu, verified, max_len)
+        return self.drafter.step(
+            self._req_ids, sampled_token_ids, num_tokens, token_ids_cpu, verified, max_len, now=time.perf_counter()
+        )
 
     def stats(self) -> dict[str, float]:
         """The base counters plus the retriever's stage times and filter counts and the drafter's choices."""
@@ -104,10 +113,25 @@ class DresdProposer(GuardedProposer):
             stats[f"{stage}_ms_per_step"] = 1e3 * drafter[f"{stage}_s"] / steps
         stats["hits"], stats["survivors"] = retriever["hits"], retriever["survivors"]
         stats["online_survivors"] = retriever["online_survivors"]
-        for name in ("picked_dense", "picked_context", "dense_tokens", "context_tokens", "online_keys", "stood_down"):
+        for name in (
+            "picked_dense", "picked_context", "dense_tokens", "context_tokens", "online_keys", "stood_down",
+            "token_price", "price_steps", "spooled_keys", "reloaded_keys",
+        ):  # fmt: skip
             stats[name] = drafter[name]
         stats["threads_changed_steps"] = self._threads_changed_steps
+        for batch, price in self.drafter.price_table().items():
+            stats[f"token_price_b{batch}"] = price
         return stats
+
+
+def _output_rank() -> bool:
+    """Whether this worker's drafts are the ones vLLM schedules (tensor-parallel rank 0): it alone spools."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    try:
+        return get_tensor_model_parallel_rank() == 0
+    except AssertionError:  # no parallel groups (a runner built outside a worker)
+        return True
 
 
 def warn_dtype(built: str | None, served: torch.dtype, datastore: str) -> bool:

@@ -4,7 +4,8 @@ A :class:`Scorer` turns a chain's per-position feature (a dense chain's conditio
 chain's tree frequency) into the estimated chance that the position is accepted given the one before
 was, from a table of cells (source, strength bucket, depth, feature bin) learnt from what vLLM
 actually accepted. :func:`cut` and :func:`gain` price the chain against the cost of verifying it,
-and :func:`pick` keeps the better source per request.
+at the :class:`TokenPrice` fitted from the engine's own step times, and :func:`pick` keeps the better
+source per request.
 """
 
 from __future__ import annotations
@@ -21,6 +22,26 @@ CONTEXT_BUCKETS = np.array([3, 6, 12])  # 1-2, 3-5, 6-11, 12+ tokens matched
 BUCKETS = 4
 # Weight of the prior (the raw feature) in tokens-worth of evidence per cell.
 PRIOR_WEIGHT = 8.0
+
+# The prior of the token price: what one more verified draft token per request adds to a step's time, as a
+# share of the step: TOKEN_COST * batch ** TOKEN_COST_EXPONENT, at most 1. Fitted to this project's CPU
+# machine (vLLM's step): at batch 1, +50% for 10 draft tokens on the tiny model and +20% for 5.5 on
+# SmolLM2-135M (0.04 a token); through the server at concurrency 16 on SmolLM2, with the proposer of
+# commit 657dc05 (before this curve), +48% for 0.49 draft tokens per request (0.98: the step is
+# compute-bound, its time proportional to the tokens it verifies).
+# The GPU's is a guess for a step that stays memory-bound. :class:`TokenPrice` corrects both from the
+# step times it sees.
+TOKEN_COST = {"cpu": 0.04, "cuda": 0.004}
+TOKEN_COST_EXPONENT = {"cpu": 1.15, "cuda": 1.0}
+# The price fit forgets with this horizon, in steps of one batch-size bucket.
+PRICE_HORIZON = 1000
+# The prior weighs as this many steps whose verified tokens vary by one token: a few steps of a batch that
+# drafts outweigh it, steps that differ only in their batch size take a thousand.
+PRICE_PRIOR_STEPS = 200
+# A step slower than this multiple of its bucket's mean is a stall (another process, a collection), not a price.
+PRICE_OUTLIER = 4.0
+# Batch-size buckets 1, 2, 3-4, 5-8, ... up to 2**20 requests.
+PRICE_BUCKETS = 21
 
 
 class Scorer:
@@ -49,13 +70,16 @@ class Scorer:
         """The highest P(accepted) of any cell: no chain's chance of reaching a position can exceed it."""
         return float(self.probability(np.arange(self.prior.size)).max())
 
-    def update(self, cells: np.ndarray, accepted: int) -> None:
-        """A draft over ``cells`` (in order) had its first ``accepted`` tokens accepted."""
-        if not self.adapt:
+    def update(self, cells: np.ndarray, lengths: np.ndarray, accepted: np.ndarray) -> None:
+        """Drafts over ``cells [N, W]`` (row i: its first ``lengths[i]`` cells, in order) had their first
+        ``accepted[i]`` tokens accepted: one ``bincount`` per counter for the whole batch."""
+        if not self.adapt or cells.shape[0] == 0:
             return
-        reached = cells[: accepted + 1]
-        np.add.at(self.trials, reached, 1.0)
-        np.add.at(self.accepted, cells[:accepted], 1.0)
+        depth = np.arange(cells.shape[1])
+        drafted = depth < lengths[:, None]
+        reached = drafted & (depth <= accepted[:, None])  # the rejected token was tried too
+        self.trials += np.bincount(cells[reached], minlength=self.trials.size)
+        self.accepted += np.bincount(cells[drafted & (depth < accepted[:, None])], minlength=self.accepted.size)
 
     def table(self) -> dict[str, list]:
         """The calibration table as nested lists [source][bucket][depth][bin] (for reports)."""
@@ -64,6 +88,64 @@ class Scorer:
             probability=self.probability(np.arange(self.prior.size)).reshape(shape).round(4).tolist(),
             trials=self.trials.reshape(shape).astype(int).tolist(),
         )
+
+
+class TokenPrice:
+    """The share of an engine step that one more verified token per request adds, at each batch size.
+
+    Fitted online from the engine's steps: per batch-size bucket (1, 2, 3-4, 5-8, ...), a
+    least-squares line of step time against the tokens the step verified (a token per request plus
+    its draft), forgetting with :data:`PRICE_HORIZON`. The fit scales the prior curve
+    ``coef * batch ** exponent`` per bucket: its slope, as a share of the bucket's mean step, over
+    the prior's at the bucket's mean batch. The prior weighs as :data:`PRICE_PRIOR_STEPS` steps
+    whose tokens vary by one, so a bucket whose steps all verify the same number of tokens (a full
+    batch that stands down) keeps the prior's price; where the batch size varies, a request's token
+    prices a draft token. ``fixed`` (the user's token_cost) is the price at every batch size; the fit
+    goes on and :meth:`fitted` reports it.
+    """
+
+    def __init__(self, coef: float, exponent: float, fixed: float | None = None):
+        self.coef = coef
+        self.exponent = exponent
+        self.fixed = fixed
+        # Per bucket, decayed sums: weight, batch, tokens, seconds, tokens^2, tokens*seconds.
+        self.sums = np.zeros((6, PRICE_BUCKETS))
+        self.steps = 0  # steps observed
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        """The batch-size bucket of ``batch``: 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ..."""
+        return min(int(batch - 1).bit_length(), PRICE_BUCKETS - 1)
+
+    def prior(self, batch: float) -> float:
+        """Today's constants' price at ``batch``, at most 1."""
+        return min(self.coef * batch**self.exponent, 1.0)
+
+    def observe(self, batch: int, tokens: int, seconds: float) -> None:
+        """One engine step of ``batch`` requests verified ``tokens`` tokens in ``seconds``."""
+        sums = self.sums[:, self.bucket(batch)]
+        if sums[0] >= 1.0 and seconds > PRICE_OUTLIER * sums[3] / sums[0]:
+            return
+        sums *= 1.0 - 1.0 / PRICE_HORIZON
+        sums += (1.0, batch, tokens, seconds, tokens * tokens, tokens * seconds)
+        self.steps += 1
+
+    def fitted(self, batch: int) -> float:
+        """The fitted price at ``batch`` (the prior's where no step of its bucket was seen), in [0, 1]."""
+        weight, batches, tokens, seconds, tokens2, cross = self.sums[:, self.bucket(batch)]
+        if weight <= 0.0 or seconds <= 0.0:
+            return self.prior(batch)
+        mean_batch, mean_tokens, mean_s = batches / weight, tokens / weight, seconds / weight
+        spread = max(tokens2 / weight - mean_tokens**2, 0.0)
+        covariance = cross / weight - mean_tokens * mean_s
+        # Seconds per token, as the prior prices them at this bucket's mean batch and step time.
+        prior_slope = self.coef * mean_batch ** (self.exponent - 1.0) * mean_s
+        slope = (weight * covariance + PRICE_PRIOR_STEPS * prior_slope) / (weight * spread + PRICE_PRIOR_STEPS)
+        return float(np.clip(self.coef * batch**self.exponent * slope / prior_slope, 0.0, 1.0))
+
+    def __call__(self, batch: int) -> float:
+        """The price at ``batch`` that the cut uses: ``fixed``, or the fitted one."""
+        return self.fixed if self.fixed is not None else self.fitted(batch)
 
 
 def conditional(cumulative: np.ndarray) -> np.ndarray:
