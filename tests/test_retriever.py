@@ -228,3 +228,22 @@ def test_merge_of_identical_drafts_and_of_one_candidate():
     weights = np.array([[0.5, 0.5], [0.2, 0.0]], dtype=np.float32)
     chains, lengths = merge_trie(drafts, weights, valid, 1.0)
     assert [c[:n].tolist() for c, n in zip(chains, lengths, strict=True)] == [[3, 4, 5], [7, 8, 9]]
+
+
+def test_the_served_step_reads_no_device_data_before_its_one_copy_back(store, datastore):
+    """What a GPU needs of Drafter.step, checked on the CPU: no value read on the host, no data-dependent shape."""
+    from benchmarks.gpu_check import HostWaits
+    from dresd_vllm.config import DresdConfig
+    from dresd_vllm.drafting import Drafter
+
+    config = DresdConfig.from_dict({"datastore": str(store), "top_k": 10, "token_cost": 0.0, "online_store_size": 64})
+    drafter = Drafter(datastore, config)
+    token_ids = np.array([[0, 5, 1, 2, 3, 4, 0, 0], [0, 6, 4, 5, 6, 9, 0, 0]])
+    steps = 4
+    with HostWaits() as waits:
+        for n in range(2, 2 + steps):
+            sampled = [[int(token_ids[0, n - 1])], [int(token_ids[1, n - 1])]]
+            drafter.step(["a", "b"], sampled, np.array([n, n]), token_ids, axis(0, 2), np.array([4, 4]))
+    assert waits.ops == []
+    assert drafter.retriever._copy.copies == steps and drafter.online is not None and len(drafter.online) == 2 * steps
+    assert drafter.online._copy.copies == 0  # the store's lists came back with the step's copy
