@@ -62,7 +62,7 @@ def fill_online(drafter: Drafter, corpus: SyntheticCorpus, num_keys: int, rng: n
 
 
 def measure_steps(
-    drafter: Drafter,
+    drafters: list[Drafter],
     hidden: torch.Tensor,
     produced: np.ndarray,
     batch_size: int,
@@ -70,52 +70,65 @@ def measure_steps(
     warmup: int,
     max_len: int,
     rng: np.random.Generator,
-) -> dict[str, Any]:
+) -> list[dict[str, Any]]:
     """p50/p99/mean of ``Drafter.step`` for one batch of decoding requests, and of each of its stages.
 
     Each step the requests sample one token (a held-out state's own next token) and verify it: one
-    verified state per request, whose key the online store then adds.
+    verified state per request, whose key the online store then adds. Several ``drafters`` take the
+    same steps interleaved (in turn, the order reversed every other step), so that a load that comes
+    and goes on the machine weighs on each alike.
     """
     steps = warmup + iters
     req_ids = [f"req-{batch_size}-{i}" for i in range(batch_size)]
-    token_ids = rng.integers(2, drafter.datastore.manifest.vocab_size, size=(batch_size, _HISTORY + steps + 1))
+    vocab = drafters[0].datastore.manifest.vocab_size
+    token_ids = rng.integers(2, vocab, size=(batch_size, _HISTORY + steps + 1))
     num_tokens = np.full(batch_size, _HISTORY)
     caps = np.full(batch_size, max_len)
-    times: dict[str, list[float]] = {name: [] for name in ("total", *STAGES)}
-    survivors = drafted = 0
+    times = [{name: [] for name in ("total", *STAGES)} for _ in drafters]
+    survivors, drafted = [0] * len(drafters), [0] * len(drafters)
     for i in range(steps):
         rows = rng.choice(hidden.shape[0], size=batch_size, replace=False)
         token_ids[:, num_tokens[0]] = produced[rows]
         num_tokens += 1
         sampled = [[int(t)] for t in produced[rows]]
         verified = hidden[torch.from_numpy(rows).to(hidden.device)]
-        before = drafter.retriever.stats.snapshot(), _drafter_seconds(drafter.stats)
-        t0 = time.perf_counter()
-        drafts = drafter.step(req_ids, sampled, num_tokens, token_ids, verified, caps)
-        total = time.perf_counter() - t0
-        if i < warmup:
-            continue
-        times["total"].append(total)
-        for name in RETRIEVER_STAGES:
-            times[name].append(getattr(drafter.retriever.stats, f"{name}_s") - getattr(before[0], f"{name}_s"))
-        for name in DRAFTER_STAGES:
-            times[name].append(getattr(drafter.stats, f"{name}_s") - before[1][f"{name}_s"])
-        survivors += drafter.retriever.stats.survivors - before[0].survivors
-        drafted += sum(map(len, drafts))
+        for d in range(len(drafters)) if i % 2 == 0 else reversed(range(len(drafters))):
+            drafter = drafters[d]
+            before = drafter.retriever.stats.snapshot(), _drafter_seconds(drafter.stats)
+            t0 = time.perf_counter()
+            drafts = drafter.step(req_ids, sampled, num_tokens, token_ids, verified, caps)
+            total = time.perf_counter() - t0
+            if i < warmup:
+                continue
+            times[d]["total"].append(total)
+            for name in RETRIEVER_STAGES:
+                times[d][name].append(getattr(drafter.retriever.stats, f"{name}_s") - getattr(before[0], f"{name}_s"))
+            for name in DRAFTER_STAGES:
+                times[d][name].append(getattr(drafter.stats, f"{name}_s") - before[1][f"{name}_s"])
+            survivors[d] += drafter.retriever.stats.survivors - before[0].survivors
+            drafted[d] += sum(map(len, drafts))
     requests = batch_size * iters
-    return {
-        **_percentiles(times["total"]),
-        "stages": {name: _percentiles(times[name]) for name in STAGES},
-        **{f"{name}_ms": 1e3 * float(np.median(times[name])) for name in STAGES},  # medians, like p50
-        "survivors_per_request": survivors / requests,
-        "draft_tokens_per_request": drafted / requests,
-        "online_keys_after": len(drafter.online) if drafter.online is not None else 0,
-    }
+    return [
+        {
+            **_percentiles(times[d]["total"]),
+            "stages": {name: _percentiles(times[d][name]) for name in STAGES},
+            **{f"{name}_ms": 1e3 * float(np.median(times[d][name])) for name in STAGES},  # medians, like p50
+            "survivors_per_request": survivors[d] / requests,
+            "draft_tokens_per_request": drafted[d] / requests,
+            "online_keys_after": len(drafter.online) if drafter.online is not None else 0,
+        }
+        for d, drafter in enumerate(drafters)
+    ]
 
 
 def _drafter_seconds(stats: Any) -> dict[str, float]:
     """The drafter's stage seconds now (its stats object keeps counting)."""
     return {f"{name}_s": getattr(stats, f"{name}_s") for name in DRAFTER_STAGES}
+
+
+def online_keys_list(text: str) -> list[int | None]:
+    """``--online-keys``: key counts, or ``off`` for a drafter without an online store."""
+    return [None if part == "off" else int(part) for part in text.split(",")]
 
 
 def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[str, Any]]:
@@ -164,35 +177,41 @@ def bench_one(args: argparse.Namespace, num_keys: int, work: Path) -> list[dict[
             "peak_rss_mb_build": store.peak_rss_mb_build,
             "load_average_build": store.load_average_build,
         }
-        for online_keys in args.online_keys:
-            config = DresdConfig.from_dict(
-                {
-                    "datastore": str(path),
-                    "top_k": args.top_k,
-                    "merge": args.merge,
-                    "min_support": args.min_support,
-                    "online_store_size": args.online_capacity,
-                    "token_cost": args.token_cost,
-                }
-            )
-            latency = {}
-            for b in args.batch_sizes:  # a fresh drafter (and store) per batch size: no state carries over
-                drafter = Drafter(ds, config, device=device)
-                fill_online(drafter, corpus, online_keys, np.random.default_rng(args.seed + 3))
-                latency[str(b)] = measure_steps(
-                    drafter, hidden, produced, b, args.iters, args.warmup, args.max_len, rng
+        drafters_by_batch = {}
+        for b in args.batch_sizes:  # fresh drafters (and stores) per batch size: no state carries over
+            drafters_by_batch[b] = []
+            for online_keys in args.online_keys:
+                config = DresdConfig.from_dict(
+                    {
+                        "datastore": str(path),
+                        "top_k": args.top_k,
+                        "merge": args.merge,
+                        "min_support": args.min_support,
+                        "online_store": online_keys is not None,
+                        "online_store_size": args.online_capacity,
+                        "token_cost": args.token_cost,
+                    }
                 )
+                drafter = Drafter(ds, config, device=device)
+                fill_online(drafter, corpus, online_keys or 0, np.random.default_rng(args.seed + 3))
+                drafters_by_batch[b].append(drafter)
+        latency = {
+            b: measure_steps(drafters, hidden, produced, b, args.iters, args.warmup, args.max_len, rng)
+            for b, drafters in drafters_by_batch.items()
+        }
+        for i, online_keys in enumerate(args.online_keys):
             results.append(
                 {
                     **common,
-                    "online_keys": online_keys,
+                    "online_store": online_keys is not None,
+                    "online_keys": online_keys or 0,
                     "online_capacity": args.online_capacity,
                     "peak_rss_mb": peak_rss_mb(),
                     "load_average": os.getloadavg(),
-                    "latency": latency,
+                    "latency": {str(b): by_drafter[i] for b, by_drafter in latency.items()},
                 }
             )
-            print(table(HEADERS, _rows(results[-1:], args.top_k)), flush=True)
+        print(table(HEADERS, _rows(results[-len(args.online_keys) :], args.top_k)), flush=True)
     return results
 
 
@@ -223,7 +242,7 @@ def _rows(results: list[dict[str, Any]], top_k: int) -> list[list[str]]:
                     r["index_factory"],
                     fmt(r["nprobe"], "d"),
                     r["backend"],
-                    str(r["online_keys"]),
+                    str(r["online_keys"]) if r["online_store"] else "off",
                     batch,
                     fmt(lat["p50_ms"], ".3f"),
                     fmt(lat["p99_ms"], ".3f"),
@@ -255,9 +274,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--online-keys",
-        type=comma_list(int),
+        type=online_keys_list,
         default=[0],
-        help="keys the online store holds before the first step, one run each, e.g. 0,100000 (default: 0)",
+        help="keys the online store holds before the first step, or off (no store): one drafter each, their "
+        "steps interleaved, e.g. off,0,100000 (default: 0)",
     )
     p.add_argument("--online-capacity", type=int, default=100_000, help="the online store's size (online_store_size)")
     p.add_argument(

@@ -13,7 +13,7 @@ def test_tiny_benchmark_writes_its_report(tmp_path, capsys):
     out = tmp_path / "retrieval.json"
     argv = ["--num-keys", "1500", "--batch-sizes", "1,3", "--factory", "IVF8,Flat", "--nprobe", "2,8"]
     argv += ["--hidden-size", "64", "--pca-dim", "16", "--queries", "40", "--iters", "4", "--warmup", "1"]
-    argv += ["--online-keys", "0,400", "--online-capacity", "300"]
+    argv += ["--online-keys", "off,0,400", "--online-capacity", "300"]  # steps of the three drafters interleaved
     argv += ["--work-dir", str(tmp_path), "--out", str(out)]
     assert retrieval.main(argv) == 0
     assert (faiss.omp_get_max_threads(), torch.get_num_threads()) == threads  # restored after --threads 1
@@ -21,8 +21,10 @@ def test_tiny_benchmark_writes_its_report(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["config"]["num_keys"] == [1500] and report["machine"]["cores"] >= 1
     assert report["threads"] == {"faiss": 1, "torch": 1}
-    low, low_full, high, high_full = report["results"]  # per nprobe: an empty online store, then a full one
-    assert [r["online_keys"] for r in report["results"]] == [0, 400, 0, 400]
+    # Per nprobe: no online store, an empty one, a full one.
+    low_off, low, low_full, high_off, high, high_full = report["results"]
+    assert [r["online_keys"] for r in report["results"]] == [0, 0, 400] * 2
+    assert [r["online_store"] for r in report["results"]] == [False, True, True] * 2
     assert (low["nprobe"], high["nprobe"]) == (2, 8) and high["index_factory"] == "IVF8,Flat"
     assert 0.0 < low["recall@50"] <= high["recall@50"] == 1.0  # probing all 8 lists is exact
     assert 0.0 < high["self_mrr"] <= 1.0
@@ -44,12 +46,15 @@ def test_tiny_benchmark_writes_its_report(tmp_path, capsys):
             assert 0 < latency["p50_ms"] <= latency["p99_ms"]
             assert latency["search_ms"] > 0 and latency["draft_tokens_per_request"] > 0
             assert set(latency["stages"]) == set(retrieval.STAGES)
-            for name in ("projection", "search", "online_search", "merge", "context", "score"):
+            for name in ("projection", "search", "merge", "context", "score") + ("online_search",) * result[
+                "online_store"
+            ]:
                 stage = latency["stages"][name]
                 assert 0 < stage["p50_ms"] <= stage["p99_ms"] <= latency["p99_ms"], name
     for full in (low_full, high_full):  # 400 keys into a store of 300: full, and it stays full
         assert all(lat["online_keys_after"] == 300 for lat in full["latency"].values())
     assert low["latency"]["1"]["online_keys_after"] == 4 + 1  # warmup + timed steps, one key each
+    assert low_off["latency"]["1"]["stages"]["online_search"]["p99_ms"] == 0  # no store, no online search
     assert "| keys |" in (tmp_path / "retrieval.md").read_text()
     printed = capsys.readouterr().out
     assert "p50 ms" in printed and f"wrote {out}, {tmp_path / 'retrieval.md'}" in printed
