@@ -192,9 +192,9 @@ class OnlineStore:
         floor = max(self.added - self.capacity, 0)
         # Live keys whose insertion number fell below the floor (unless a list overwrote them already).
         gone = np.arange(old_floor, min(floor, before), dtype=np.int64)
-        evicted = np.count_nonzero(self.stamps[self._slot_of[gone % self.capacity]] == gone)
-        old = self.stamps[slots]
-        self._size += len(stamps) - evicted - np.count_nonzero(old >= floor)  # overwritten live keys
+        evicted = int(np.count_nonzero(self.stamps[self._slot_of[gone % self.capacity]] == gone))
+        overwritten = int(np.count_nonzero(self.stamps[slots] >= floor))  # live keys a list ring wrote over
+        self._size += len(stamps) - evicted - overwritten
 
     def fill(self, req_ids: Sequence[object], token_ids: np.ndarray, num_tokens: np.ndarray) -> None:
         """Write the tokens now known into the values of the batch's pending keys.

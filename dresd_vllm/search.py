@@ -215,6 +215,7 @@ class SearchIndex:
         if isinstance(backend, ExactTorch):
             sample = backend.keys[torch.from_numpy(rows).to(backend.device)].to("cpu", torch.float32)
         else:
+            assert index is not None  # neither torch backend: a FAISS one
             sample = read_keys(index, rows, "cpu", torch.float32)
         centroids = spherical_kmeans(sample, min(nlist, max(1, len(rows) // 8)), seed=seed)
         return centroids.T.contiguous().to(self.device), torch.zeros(centroids.shape[0], device=self.device)

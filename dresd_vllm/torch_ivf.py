@@ -201,15 +201,18 @@ class TorchIVF:
                 raw = faiss.rev_swig_ptr(invlists.get_codes(int(i)), int(sizes[i]) * ivf.code_size)
                 codes[starts[i] : starts[i + 1]] = raw.reshape(-1, ivf.code_size)
         centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-        common = dict(transforms=linear_transforms(index), workspace_bytes=workspace_bytes)
+        transforms = linear_transforms(index)
         if pq_ivf is not None and codes is not None:
             pq = pq_ivf.pq
             codebooks = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
             return cls(
                 centroids, sizes, ids, device, nprobe, codes=codes, codebooks=codebooks,
-                by_residual=bool(pq_ivf.by_residual), **common,
+                by_residual=bool(pq_ivf.by_residual), transforms=transforms, workspace_bytes=workspace_bytes,
             )  # fmt: skip
-        return cls(centroids, sizes, ids, device, nprobe, keys=read_keys(ivf, ids, device), **common)
+        keys = read_keys(ivf, ids, device)
+        return cls(
+            centroids, sizes, ids, device, nprobe, keys=keys, transforms=transforms, workspace_bytes=workspace_bytes
+        )
 
     def memory_bytes(self) -> int:
         """Bytes held on the device: centroids, ids, list starts and sizes, and codes or keys."""
