@@ -10,7 +10,9 @@ Stages, each resumable from the work directory `OUT.partial/` next to the output
                the token store and OUT atomically, remove OUT.partial
 
 With --append, OUT is an existing datastore: its projection replaces the fit stage, its trained
-index the training, and the new keys and tokens are added after its own (ids continue).
+index the training, and the new keys and tokens are added after its own (ids continue). With
+--append --spool DIR..., the corpus is what servers verified (their `online_store_path` spools): the
+keys are already projected with OUT's projection, so no stage runs the model (:func:`append_spools`).
 
 Embedding twice (the sample, then everything) costs about pca_sample extra positions but means no
 stage ever holds raw hidden states of the whole corpus: shards are fp16 keys of pca_dim (128 bytes
@@ -60,6 +62,8 @@ from dresd_vllm.index import (
 from dresd_vllm.manifest import INDEX, MANIFEST, PROJECTION, DatastoreError, Manifest
 from dresd_vllm.manifest import tokenizer_fingerprint as fingerprint_of
 from dresd_vllm.projection import Projection
+from dresd_vllm.spool import INFO as SPOOL_INFO
+from dresd_vllm.spool import SpoolError, projection_id, read_spool
 
 # Raw fp32 states of one sample shard travel as one Arrow binary value (< 2 GiB): 32k positions is
 # 1 GiB at hidden size 8192.
@@ -360,6 +364,8 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model, **args.hf)
     if tokenizer.eos_token_id is None:
         raise InputError(f"the tokenizer of {args.model!r} has no EOS token, which pads the token store")
+    if args.spool:
+        return append_spools(args, tokenizer)
     try:
         faiss.index_factory(args.pca_dim, "Flat" if args.index == "auto" else args.index)
     except RuntimeError as e:
@@ -453,6 +459,68 @@ def run_datastore(args: Namespace) -> dict[str, Any]:
         embed_tokens_per_s=embedded / times["embed"] if embedded else None,
     )
     print_summary(summary)
+    return summary
+
+
+def append_spools(args: Namespace, tokenizer: Any) -> dict[str, Any]:
+    """`datastore --append --spool DIR...`: fold the states servers spooled into the datastore at --out.
+
+    The spooled keys were projected with the datastore's own projection (checked: the spool records
+    it), so they are added to its index as they are; their values are the tokens the same request
+    produced next, EOS where the spool's rows of it end. Chunks recorded in the manifest as folded
+    before are skipped, so the same command can run again as the spools grow.
+    """
+    out = Path(args.out)
+    if not args.append:
+        raise InputError("--spool folds served states into an existing datastore: give --append and its --out")
+    if not (out / MANIFEST).is_file():
+        raise InputError(f"--append: {out} holds no datastore to append to (no {MANIFEST}); build it first")
+    try:
+        base = Manifest.from_json((out / MANIFEST).read_text(), source=str(out / MANIFEST))
+    except DatastoreError as e:
+        raise InputError(f"--append: {e}") from e
+    if base.tokenizer_fingerprint not in (None, fingerprint_of(tokenizer)):
+        raise InputError(
+            f"--append --spool: the tokenizer of --model {args.model!r} is not the one {out} was built with "
+            f"({base.model!r}); give the datastore's model (its EOS ends the spooled values)"
+        )
+    identity = projection_id(Projection.load(out / PROJECTION))
+    folded = frozenset(c for a in base.build.get("appended", []) for c in a.get("spool_chunks", []))
+    spooled = []
+    for directory in args.spool:
+        if not (Path(directory) / SPOOL_INFO).is_file():
+            raise InputError(f"--spool {directory}: not a spool (no {SPOOL_INFO}); give a server's online_store_path")
+        try:
+            spooled.append(read_spool(directory, identity, skip=folded))
+        except SpoolError as e:
+            raise InputError(f"--spool {directory}: {e}") from e
+    spooled = [s for s in spooled if s.chunks]
+    chunks = [c for s in spooled for c in s.chunks]
+    if not chunks:
+        print(f"{out}: already holds every chunk of {' '.join(args.spool)} (folded before); nothing to do")
+        return {}
+    t0 = time.perf_counter()
+    keys, tokens, offsets = [], [], []
+    for part in spooled:
+        k, t, o = part.token_store(base.n_next, tokenizer.eos_token_id)
+        keys.append(k)
+        offsets.append(o + sum(map(len, tokens)))
+        tokens.append(t)
+    num_keys = sum(map(len, keys))
+    build = dict(spool=[str(Path(d).resolve()) for d in args.spool], spool_chunks=chunks)
+    append_datastore(out, np.concatenate(keys), np.concatenate(tokens), np.concatenate(offsets), build=build)
+    written = Manifest.from_json((out / MANIFEST).read_text())
+    summary = dict(
+        out=str(out),
+        appended_keys=num_keys,
+        chunks=len(chunks),
+        keys=written.num_keys,
+        seconds=time.perf_counter() - t0,
+    )
+    print(
+        f"\ndatastore {out}\n  appended {num_keys:,} served keys from {len(chunks)} spool chunks of "
+        f"{', '.join(args.spool)}\n  keys {written.num_keys:,} ({written.index_factory}), {summary['seconds']:.1f} s"
+    )
     return summary
 
 

@@ -218,6 +218,14 @@ def parser() -> argparse.ArgumentParser:
         help="add this corpus to the datastore at --out, with its projection and trained index (written atomically)",
     )
     p.add_argument(
+        "--spool",
+        nargs="+",
+        metavar="DIR",
+        help="with --append: the corpus is what servers verified, spooled to these online_store_path directories "
+        "(one per server or replica); their keys and tokens are folded in as they are, without running the model "
+        "(--dataset is not read). Chunks folded before are skipped",
+    )
+    p.add_argument(
         "--shard-tokens",
         type=positive_int,
         default=262_144,

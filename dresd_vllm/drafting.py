@@ -285,7 +285,8 @@ class Drafter:
         )
         present = tokens >= 0
         reach = np.cumprod(np.where(present, self.scorer.probability(cells), 0.0), axis=1)
-        caps = np.tile(max_len, len(sources))
+        # A chain ends at its first missing token, whatever the threshold (a price of 0 keeps every reach).
+        caps = np.minimum(np.tile(max_len, len(sources)), np.logical_and.accumulate(present, axis=1).sum(axis=1))
         lengths = np.minimum(cut(reach, threshold) if self.length_control else present.sum(axis=1), caps)
         gains = gain(reach, lengths, threshold).reshape(len(sources), batch)
         chosen = pick(gains) * batch + np.arange(batch) if len(sources) > 1 else np.arange(batch)

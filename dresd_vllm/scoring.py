@@ -35,9 +35,12 @@ TOKEN_COST = {"cpu": 0.04, "cuda": 0.004}
 TOKEN_COST_EXPONENT = {"cpu": 1.15, "cuda": 1.0}
 # The price fit forgets with this horizon, in steps of one batch-size bucket.
 PRICE_HORIZON = 1000
-# The prior weighs as this many steps whose verified tokens vary by one token: a few steps of a batch that
-# drafts outweigh it, steps that differ only in their batch size take a thousand.
-PRICE_PRIOR_STEPS = 200
+# The prior weighs as this many steps whose verified tokens vary by one token: about a hundred steps of a
+# batch that drafts outweigh it, steps that differ only in their batch size take many hundreds.
+PRICE_PRIOR_STEPS = 1000
+# The fitted price is never below this share of a step: noise can make a slope negative, a draft token is
+# never free.
+PRICE_FLOOR = 0.001
 # A step slower than this multiple of its bucket's mean is a stall (another process, a collection), not a price.
 PRICE_OUTLIER = 4.0
 # Batch-size buckets 1, 2, 3-4, 5-8, ... up to 2**20 requests.
@@ -131,7 +134,7 @@ class TokenPrice:
         self.steps += 1
 
     def fitted(self, batch: int) -> float:
-        """The fitted price at ``batch`` (the prior's where no step of its bucket was seen), in [0, 1]."""
+        """The fitted price at ``batch`` (the prior's where no step of its bucket was seen), at most 1."""
         weight, batches, tokens, seconds, tokens2, cross = self.sums[:, self.bucket(batch)]
         if weight <= 0.0 or seconds <= 0.0:
             return self.prior(batch)
@@ -141,7 +144,8 @@ class TokenPrice:
         # Seconds per token, as the prior prices them at this bucket's mean batch and step time.
         prior_slope = self.coef * mean_batch ** (self.exponent - 1.0) * mean_s
         slope = (weight * covariance + PRICE_PRIOR_STEPS * prior_slope) / (weight * spread + PRICE_PRIOR_STEPS)
-        return float(np.clip(self.coef * batch**self.exponent * slope / prior_slope, 0.0, 1.0))
+        price = self.coef * batch**self.exponent * slope / prior_slope
+        return float(np.clip(price, PRICE_FLOOR, 1.0))
 
     def __call__(self, batch: int) -> float:
         """The price at ``batch`` that the cut uses: ``fixed``, or the fitted one."""

@@ -155,7 +155,7 @@ def read_spool(
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise SpoolError(f"{directory}: not a directory")
-    _check_info(directory, projection)
+    info = _check_info(directory, projection)
     parts: list[tuple[str, dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     rows = 0
     for path in reversed(chunk_files(directory) if directory.is_dir() else []):
@@ -170,7 +170,7 @@ def read_spool(
             break
     parts.reverse()
     runs = {run: i for i, run in enumerate(dict.fromkeys(header["run"] for _, header, *_ in parts))}
-    dim = parts[0][2].shape[1] if parts else 0
+    dim = parts[0][2].shape[1] if parts else int((info or {}).get("dim", 0))
     keys = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, dim), dtype=np.float16)
     tokens, positions, tags = (
         np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dtype=np.int64) for i in (3, 4, 5)

@@ -184,7 +184,7 @@ def test_token_price_fits_batch_one_from_step_times(machine):
     slope = machine * 0.02 / (1 - machine * 6)  # a share `machine` of the mean step (6 tokens) per token
     for x, t in zip(tokens, (0.02 + slope * tokens) * rng.normal(1.0, 0.05, 2000), strict=True):
         price.observe(1, int(x), float(t))
-    assert price(1) == pytest.approx(machine, rel=0.1)
+    assert price(1) == pytest.approx(machine, rel=0.1, abs=0.004)  # the prior's weight: a tenth of the data's
 
 
 def test_token_price_keeps_a_compute_bound_stand_down_and_lifts_it_where_steps_are_flat():
@@ -205,7 +205,7 @@ def test_token_price_keeps_a_compute_bound_stand_down_and_lifts_it_where_steps_a
     flat = TokenPrice(0.04, 1.15)
     for b in batches:
         flat.observe(int(b), int(b), 0.01 + 1e-5 * b + rng.normal(0, 2e-4))
-    assert flat(16) < 0.2
+    assert flat(16) < 0.4  # under what the best cells' chances pay: the drafter searches and drafts again
     # ...and, once its drafts spread the steps, prices them at what they cost.
     drafting = TokenPrice(0.04, 1.15)
     for _ in range(1000):

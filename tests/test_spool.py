@@ -2,11 +2,16 @@
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import BUILD_MAX_LENGTH
 
+from build_tools.build import run_datastore
+from build_tools.cli import parse_args
+from build_tools.data import InputError
 from dresd_vllm.config import DresdConfig
 from dresd_vllm.datastore import Datastore
 from dresd_vllm.drafting import Drafter
@@ -162,3 +167,52 @@ def test_a_drafter_spools_what_it_verifies_and_the_next_one_drafts_from_it_at_on
     cold = serve(fresh, "b", tokens, states, start=20)
     print(f"\ntokens per step: first run {before:.2f}, after restart {after:.2f}, without the spool {cold:.2f}")
     assert after > 3.0 and after > cold + 2.0
+
+
+def test_dresd_build_folds_served_spools_into_a_datastore(tiny_model, own_datastore, tmp_path):
+    """`dresd-build datastore --append --spool A B`: two replicas' served states become datastore keys whose
+    values are what the requests produced, without running the model; a rerun folds only new chunks."""
+    out = tmp_path / "ds"
+    shutil.copytree(own_datastore, out)
+    datastore = Datastore.load(out)
+    base_keys, n_next = datastore.manifest.num_keys, datastore.n_next
+    rng = np.random.default_rng(1)
+
+    def replica(name: str) -> tuple[np.ndarray, torch.Tensor, int]:
+        config = {"datastore": str(out), "context": False, "online_store_path": str(tmp_path / name)}
+        drafter = Drafter(datastore, DresdConfig.from_dict(config))
+        tokens, states = rng.integers(3, 400, 80), torch.randn(80, datastore.manifest.hidden_size)
+        serve(drafter, name, tokens, states, start=10)
+        drafter.close()
+        return tokens, states, drafter.stats.spooled_keys  # the states of positions 10, 11, ...
+
+    served = {name: replica(name) for name in ("a", "b")}
+
+    def fold(*spools: str) -> dict:
+        args = ["datastore", "--model", tiny_model, "--out", str(out), "--max-length", str(BUILD_MAX_LENGTH)]
+        return run_datastore(parse_args([*args, "--append", "--spool", *(str(tmp_path / s) for s in spools)]))
+
+    summary = fold("a", "b")
+    folded = Datastore.load(out)
+    assert summary["appended_keys"] == sum(n for *_, n in served.values()) == folded.manifest.num_keys - base_keys
+    eos = folded.tokens[-1]  # the token store ends in EOS padding
+    for tokens, states, count in served.values():
+        # The state that produced token p is now a key whose value is tokens p, p+1, ... (EOS past the end).
+        _, ids = folded.index.search(datastore.projection(states[10 : 10 + count]), 1)
+        assert (ids[:, 0] >= base_keys).all()
+        want = np.concatenate([tokens[10 : 10 + count], np.full(n_next + 1, eos)])
+        expected = np.stack([want[i : i + n_next + 1] for i in range(count)])
+        np.testing.assert_array_equal(folded.continuations(ids[:, 0]), expected)
+    assert fold("a", "b") == {}  # every chunk folded before
+    *_, count = replica("a-again")
+    shutil.copytree(tmp_path / "a-again", tmp_path / "a", dirs_exist_ok=True)  # the replica's spool grew
+    assert fold("a", "b")["appended_keys"] == count
+
+    SpoolWriter(tmp_path / "other", "sha256:other", datastore.manifest.pca_dim, 1 << 30).close()
+    with pytest.raises(InputError, match=r"--spool .*other: the spool in .* holds keys made with another projection"):
+        fold("other")
+    with pytest.raises(InputError, match="not a spool"):
+        fold("nothing")
+    no_append = ["datastore", "--model", tiny_model, "--out", str(out), "--spool", str(tmp_path / "a")]
+    with pytest.raises(InputError, match="give --append"):
+        run_datastore(parse_args(no_append))
