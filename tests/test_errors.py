@@ -1,8 +1,10 @@
 """Bad input and faults: each is refused early with a message that names it, or cannot change outputs.
 
 Datastores with ids outside the vocabulary, a token store changed under a running engine, a proposer
-that hands back a bad draft, out-of-range keys, a `.npy` given as a REST datastore, damaged JSONL,
-a killed build's leftovers and unreadable build outputs.
+that hands back a bad draft (its fault guard, on: the suite otherwise runs in strict mode), a bad
+speculative config through a real engine (one smoke test: `test_config.py` checks every key without
+one), more draft tokens than a datastore stores, a `.npy` given as a REST datastore, damaged JSONL, a
+killed build's leftovers and unreadable build outputs.
 """
 
 import gzip
@@ -18,6 +20,7 @@ from conftest import GREEDY_MAX_TOKENS, K
 from vllm import SamplingParams
 
 from build_tools.data import InputError, load_rows
+from dresd_vllm.config import DresdConfig, RestConfig
 from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
 from dresd_vllm.manifest import Manifest
 from dresd_vllm.projection import Projection
@@ -33,7 +36,7 @@ def tokens(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-# --- item 2: ids outside the vocabulary ---
+# --- ids outside the vocabulary ---
 
 
 def test_datastore_with_out_of_vocabulary_ids_is_refused_at_start_up(tiny_model, own_datastore, llm_factory, tmp_path):
@@ -56,7 +59,7 @@ def test_rest_datastore_with_out_of_vocabulary_ids_is_refused(tiny_model, llm_fa
 
 
 def test_proposer_handing_back_a_bad_draft_changes_no_output(
-    tiny_model, prompts, plain_outputs, own_datastore, llm_factory
+    tiny_model, prompts, plain_outputs, own_datastore, llm_factory, fault_guard
 ):
     llm = llm_factory(tiny_model, speculative_config=dresd(own_datastore))
 
@@ -84,7 +87,9 @@ def test_proposer_handing_back_a_bad_draft_changes_no_output(
     assert stats["faults"] == stats["steps"] > 0 and stats["draft_tokens"] == 0
 
 
-def test_failing_hidden_state_capture_changes_no_output(tiny_model, prompts, plain_outputs, own_datastore, llm_factory):
+def test_failing_hidden_state_capture_changes_no_output(
+    tiny_model, prompts, plain_outputs, own_datastore, llm_factory, fault_guard
+):
     llm = llm_factory(tiny_model, speculative_config=dresd(own_datastore))
 
     def inject(worker):
@@ -99,7 +104,7 @@ def test_failing_hidden_state_capture_changes_no_output(tiny_model, prompts, pla
     assert stats["faults"] == stats["steps"] > 0
 
 
-# --- item 3: the token store changed under a running engine ---
+# --- the token store changed under a running engine ---
 
 
 def test_token_store_changed_under_a_running_engine(
@@ -118,40 +123,29 @@ def test_token_store_changed_under_a_running_engine(
     assert stats["faults"] == 0 and stats["draft_tokens"] > 0
 
 
-# --- item 5: errors early and clear ---
+# --- errors early and clear ---
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"top_k": -5}, "dresd 'top_k' must be >= 1, got -5"),
-        ({"max_candidates": 0}, "dresd 'max_candidates' must be >= 1, got 0"),
-        ({"min_support": 1.5}, "dresd 'min_support' must be in [0.0, 1.0], got 1.5"),
-        ({"nprobe": 0}, "dresd 'nprobe' must be >= 1, got 0"),
-        ({"num_speculative_tokens": 21}, "num_speculative_tokens=21 is more than the 20 tokens"),
-    ],
-)
-def test_bad_values_fail_in_the_users_process_before_the_model_loads(
-    tiny_model, own_datastore, llm_factory, options, message
-):
-    # A multiprocess engine: an error from the engine core would come back wrapped, after the model loaded.
+def test_bad_config_fails_in_the_users_process_before_the_model_loads(tiny_model, own_datastore, llm_factory):
+    # A multiprocess engine, as `vllm serve` runs: an error from the engine core would come back wrapped,
+    # after the model loaded.
     with pytest.raises(ValueError) as error:
-        llm_factory(tiny_model, multiprocess=True, speculative_config=dresd(own_datastore, **options))
-    assert message in str(error.value)
+        llm_factory(tiny_model, multiprocess=True, speculative_config=dresd(own_datastore, top_k=-5))
+    assert "dresd 'top_k' must be >= 1, got -5" in str(error.value)
     assert "VllmConfig" not in str(error.value)
 
 
-def test_rest_values_out_of_range_are_refused(tiny_model, rest_datastore, llm_factory):
-    config = {"method": "rest", "datastore": rest_datastore, "num_speculative_tokens": K, "max_matches": 0}
-    with pytest.raises(ValueError, match=r"rest 'max_matches' must be >= 1, got 0"):
-        llm_factory(tiny_model, speculative_config=config)
+def test_more_draft_tokens_than_the_datastore_stores_are_refused(tmp_path):
+    config = DresdConfig.from_dict({"datastore": str(_small_datastore(tmp_path / "ds"))})
+    config.check_speculative({"num_speculative_tokens": 4})
+    with pytest.raises(ValueError, match=r"num_speculative_tokens=5 is more than the 4 tokens .* --n-next 5"):
+        config.check_speculative({"num_speculative_tokens": 5})
 
 
-def test_npy_given_as_rest_datastore(tiny_model, llm_factory, tmp_path):
+def test_npy_given_as_rest_datastore(tmp_path):
     np.save(tmp_path / "tokens.npy", np.arange(10, dtype=np.int32))
-    config = {"method": "rest", "datastore": str(tmp_path / "tokens.npy"), "num_speculative_tokens": K}
     with pytest.raises(ValueError, match=r"tokens.npy is a single NumPy array \(.npy\); a REST datastore is the .npz"):
-        llm_factory(tiny_model, speculative_config=config)
+        RestConfig.from_dict({"datastore": str(tmp_path / "tokens.npy")})
 
 
 def test_non_utf8_line_names_file_and_line(tmp_path):

