@@ -82,9 +82,9 @@ def _chat_id(work: Path) -> Path:
     return chat_id
 
 
-def stores(work: Path, chat_id_rows: int) -> dict[str, dict[str, str]]:
-    """The datastores of both settings, built where missing: {setting: {ID, OOD, REST}}."""
-    chat_id = _chat_id(work)
+def stores(work: Path, chat_id_rows: int, settings: set[str]) -> dict[str, dict[str, str]]:
+    """The datastores of `settings` (chat, code), built where missing: {setting: {ID, OOD, REST}}."""
+    chat_id = _chat_id(work) if "chat" in settings else work / "chat-id.jsonl"
     built = {
         "chat": {
             "ID": work / f"chat-dresd-id-{chat_id_rows}",
@@ -104,6 +104,7 @@ def stores(work: Path, chat_id_rows: int) -> dict[str, dict[str, str]]:
         "code": {"ID": (DEFAULT_ID_CORPUS, "output", CODE_ROWS, ()), "OOD": (DEFAULT_DATASET.train, "response",
                  CODE_ROWS, ())},
     }  # fmt: skip
+    built = {setting: paths for setting, paths in built.items() if setting in settings}
     jobs = []
     for setting, paths in built.items():
         for name in ("ID", "OOD"):
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engines start in seconds
     check_default_model()
     start = time.perf_counter()
-    paths = stores(args.work, args.chat_id_rows)  # a finished store is not built again
+    needed = {SETTINGS[d][0] for d in datasets} | ({"chat"} if "distribution" in steps else set())
+    paths = stores(args.work, args.chat_id_rows, needed)  # a finished store is not built again
     for dataset in datasets:
         setting = paths[SETTINGS[dataset][0]]
         if "replay" in steps:
