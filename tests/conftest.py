@@ -38,6 +38,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.engine)
 
 
+_running: list[pytest.Item] = []  # the test being set up, run or torn down
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[:] = [item]
+
+
+def _require_engine_marker() -> None:
+    """Fail a test that starts an engine without the `engine` marker, which would slow `make test-fast`."""
+    if _running and _running[0].get_closest_marker("engine") is None:
+        pytest.fail(f"{_running[0].nodeid} starts a vLLM engine: mark it @pytest.mark.engine", pytrace=False)
+
+
 @pytest.fixture
 def fault_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     """The proposer's fault guard on (`DRESD_VLLM_STRICT=0`) for the engines a test of the guard starts."""
@@ -119,6 +133,7 @@ def vllm_engine(model: str, multiprocess: bool = False, **engine_kwargs) -> Iter
     import vllm.envs
     from vllm import LLM
 
+    _require_engine_marker()
     # vLLM caches its environment once an engine is up; clear it so each engine reads ours.
     vllm.envs.disable_envs_cache()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
@@ -144,6 +159,7 @@ def vllm_server(model: str, *args: str, startup_timeout: float = 300) -> Iterato
     from benchmarks.server import engine_flags
     from benchmarks.server import vllm_server as server
 
+    _require_engine_marker()
     with server(model, *engine_flags(ENGINE_DEFAULTS), *args, startup_timeout=startup_timeout) as base_url:
         yield base_url
 
@@ -158,6 +174,7 @@ def in_process_vllm() -> Iterator[None]:
     """Engines made inside (`dresd-build` run through `main()`) start in-process, in seconds."""
     import vllm.envs
 
+    _require_engine_marker()
     old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     vllm.envs.disable_envs_cache()
