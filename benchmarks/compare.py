@@ -133,7 +133,7 @@ def targets(results: list[dict[str, Any]], batch_size: int = 1) -> list[dict[str
             tokens_per_step_vs_rest=None if vs_rest is None else vs_rest >= 1.3,
             tokens_per_step_vs_best_ngram_suffix=None if vs_pld is None else vs_pld >= 1.2,
             fastest=None if fastest_other is None else r["tokens_per_s"] > fastest_other["tokens_per_s"],
-            proposer_share=r["proposer_share"] <= share_limit,
+            proposer_share=None if r["proposer_share"] is None else r["proposer_share"] <= share_limit,
         )
         out.append(
             dict(

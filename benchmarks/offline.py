@@ -106,8 +106,9 @@ def _measure(llm, method: Method, settings: Settings, prompts: Prompts) -> dict[
             **per_step(output_tokens, accepted, request_steps),
             proposer_steps=steps,
             proposer_s=seconds,
+            # None where the runner has no drafter call to clock (see dresd_vllm.patches.timer).
             proposer_ms_per_step=1e3 * seconds / steps if steps else None,
-            proposer_share=seconds / elapsed,
+            proposer_share=seconds / elapsed if steps else None,
             proposer_stats=stats_delta(before["stats"], after["stats"]),
         )
     return out

@@ -9,5 +9,12 @@ from . import patches
 
 
 def register() -> None:
-    """Apply dresd-vllm's patches to vLLM (idempotent; none with `DRESD_VLLM_PATCHES=0`)."""
-    patches.apply()
+    """Apply dresd-vllm's patches to vLLM (idempotent; none with `DRESD_VLLM_PATCHES=0`); never raises.
+
+    vLLM's plugin loader does not catch an exception from `register()`, so one would stop every engine in
+    the environment, plain decoding included. What needs the patches refuses when it is asked for instead.
+    """
+    try:
+        patches.apply()
+    except Exception:
+        patches.logger.exception("dresd-vllm: patching vLLM failed; DReSD and REST will refuse to start")

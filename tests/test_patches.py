@@ -2,9 +2,11 @@
 the guards that refuse an unsupported vLLM, the benchmark's proposer timer, and the row arithmetic
 that picks each request's verified hidden states out of the batch's sampled positions."""
 
+import functools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -21,7 +23,7 @@ from vllm.utils import cpu_triton_utils
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.worker_base import WorkerBase
 
-from dresd_vllm import patches
+from dresd_vllm import patches, plugin
 
 
 @pytest.fixture
@@ -87,21 +89,49 @@ def test_switch_off_stops_a_dresd_engine_naming_the_variable(tiny_model, llm_fac
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0"])
-def test_unsupported_vllm_version_is_refused(unapplied, monkeypatch, version):
+def test_unsupported_vllm_version_logs_once_patches_only_the_method_keys(unapplied, patch_log, monkeypatch, version):
     monkeypatch.setattr(vllm, "__version__", version)
-    with pytest.raises(RuntimeError, match=rf"supports vllm >= 0.32, < 0.34; vllm {version} is installed"):
-        patches.apply()
-    assert not patches._applied
+    monkeypatch.setattr(patches, "_log_unsupported", functools.cache(patches._log_unsupported.__wrapped__))
+    propose = GPUModelRunner.propose_draft_token_ids
+    patches.apply()
+    patches.apply()  # never raises, and logs once
+    message = rf"^dresd-vllm supports vllm >= 0.32, < 0.34; vllm {version} is installed, so vLLM runs unpatched"
+    assert len(patch_log) == 1 and re.match(message, patch_log[0])
+    assert patches._applied == {"speculative_methods"} and GPUModelRunner.propose_draft_token_ids is propose
+    with pytest.raises(RuntimeError, match=message):
+        patches.require("dresd", "capture_hidden_states")
+    # The method keys refuse DReSD and REST with the reason and leave vLLM's own methods alone.
+    for method in ("dresd", "rest"):
+        with pytest.raises(RuntimeError, match=message):
+            EngineArgs(model="m", speculative_config={"method": method, "datastore": "d"}).create_speculative_config(
+                None, None
+            )
+    args = EngineArgs(model="m", speculative_config={"method": "ngram"})
+    with pytest.raises(Exception) as raised:  # vLLM's own handling (no model config given here), not ours
+        args.create_speculative_config(None, None)
+    assert "dresd-vllm" not in str(raised.value) and args.speculative_config["method"] == "ngram"
 
 
-def test_changed_propose_signature_is_refused(unapplied, monkeypatch):
+def test_changed_propose_signature_is_refused(unapplied, patch_log, monkeypatch):
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids):
         raise AssertionError("never called")
 
     monkeypatch.setattr(GPUModelRunner, "propose_draft_token_ids", propose_draft_token_ids)
-    with pytest.raises(RuntimeError, match=r"is not the signature dresd-vllm patches"):
-        patches.apply()
+    monkeypatch.setattr(patches, "_log_unsupported", functools.cache(patches._log_unsupported.__wrapped__))
+    patches.apply()
+    assert len(patch_log) == 1 and "is not the signature dresd-vllm patches" in patch_log[0]
     assert GPUModelRunner.propose_draft_token_ids is propose_draft_token_ids  # nothing was patched
+    with pytest.raises(RuntimeError, match=r"is not the signature dresd-vllm patches"):
+        patches.require("dresd", "capture_hidden_states")
+
+
+def test_plugin_register_never_raises(unapplied, patch_log, monkeypatch):
+    def broken() -> None:
+        raise ValueError("a patch that fails")
+
+    monkeypatch.setitem(patches.PATCHES, "broken", patches.Patch("broken", "nothing", broken))
+    plugin.register()
+    assert any("patching vLLM failed" in line for line in patch_log)
 
 
 def test_apply_is_idempotent():
@@ -175,3 +205,48 @@ def test_proposer_timer_counts_steps_and_wraps_a_runner_once(tiny_model, prompts
     assert 0 < steps < request_steps <= 2 * 16 and seconds > 0
     with pytest.raises(ValueError, match=r"apply\(\) makes it"):
         patches.apply_to_runner(None, "capture_hidden_states")
+
+
+class _V2Runner:
+    """What `proposer_timer` touches of vLLM 0.33's model runner V2 (`vllm/v1/worker/gpu/model_runner.py`),
+    which needs CUDA: `execute_model(scheduler_output, ..., dummy_run=False)`, `device`, and a speculator whose
+    `propose(input_batch, ..., dummy_run=False)` drafts; there is no `propose_draft_token_ids`."""
+
+    def __init__(self, speculator: bool = True):
+        self.device = torch.device("cpu")
+        self.proposed: list[bool] = []
+        if speculator:
+            self.speculator = SimpleNamespace(propose=self._propose)
+
+    def _propose(self, input_batch, *args, dummy_run: bool = False, **kwargs):
+        self.proposed.append(dummy_run)
+        return torch.zeros(len(input_batch), 2, dtype=torch.long)
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run: bool = False):
+        return len(scheduler_output.num_scheduled_tokens)
+
+
+def _steps(runner, batch: int) -> None:
+    scheduler_output = SimpleNamespace(num_scheduled_tokens={f"r{i}": 1 for i in range(batch)})
+    assert runner.execute_model(scheduler_output) == batch
+    assert runner.speculator.propose([0] * batch, None).shape == (batch, 2)
+
+
+def test_proposer_timer_clocks_a_v2_runners_speculator():
+    runner = _V2Runner()
+    worker = SimpleNamespace(model_runner=runner)
+    assert patches.proposer_timer(runner) is True and patches.proposer_timer(runner) is False
+    _steps(runner, 3)
+    _steps(runner, 2)
+    runner.execute_model(SimpleNamespace(num_scheduled_tokens={"w": 1}), dummy_run=True)  # warm-up: not counted
+    runner.speculator.propose([0], None, dummy_run=True)
+    steps, seconds, request_steps = patches.read_proposer_timer(worker)
+    assert (steps, request_steps) == (2, 5) and seconds > 0 and runner.proposed == [False, False, True]
+
+
+def test_proposer_timer_counts_steps_of_a_runner_without_a_drafter_call(patch_log):
+    runner = _V2Runner(speculator=False)
+    assert patches.proposer_timer(runner) is True
+    assert runner.execute_model(SimpleNamespace(num_scheduled_tokens={"a": 1, "b": 2})) == 2
+    assert patches.read_proposer_timer(SimpleNamespace(model_runner=runner)) == (0, 0.0, 2)
+    assert any("cannot time its drafter" in line for line in patch_log)

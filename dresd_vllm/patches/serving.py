@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import _patch, logger
+from . import _patch, logger, unsupported
 
 if TYPE_CHECKING:
     from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 @_patch("EngineArgs.create_speculative_config")
 def speculative_methods() -> None:
-    """Item 1 of the module docstring: `"method": "dresd" | "rest"`."""
+    """Item 1 of the module docstring: `"method": "dresd" | "rest"` (refused on an unsupported vLLM)."""
     from vllm.engine.arg_utils import EngineArgs
 
     EngineArgs.create_speculative_config = _rewrite_dresd_method(EngineArgs.create_speculative_config)
@@ -43,6 +43,9 @@ def _rewrite_dresd_method(create_speculative_config):
     def wrapper(self, *args, **kwargs):
         spec = self.speculative_config
         if isinstance(spec, dict) and spec.get("method") in METHODS:
+            problem = unsupported()
+            if problem is not None:
+                raise RuntimeError(problem)
             self.speculative_config, self.additional_config = split_speculative_config(spec, self.additional_config)
         return create_speculative_config(self, *args, **kwargs)
 

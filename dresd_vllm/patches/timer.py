@@ -6,13 +6,18 @@ from typing import Any
 
 import torch
 
-from . import _patch
+from . import _patch, logger
 
 
-@_patch("propose_draft_token_ids, execute_model", per_runner=True)
+@_patch("propose_draft_token_ids or speculator.propose, execute_model", per_runner=True)
 def proposer_timer(runner: Any) -> bool:
-    """Item 6: wrap this runner's `propose_draft_token_ids` with counters and a clock, and count the request
-    steps (requests scheduled, summed over steps) in `execute_model`; False when it already was.
+    """Item 6: put a clock and counters on this runner's drafter call, and count the request steps (requests
+    scheduled, summed over steps) in `execute_model`; False when it already was.
+
+    The drafter call is the V1 runner's `propose_draft_token_ids` (every custom_class method runs there) or,
+    on vLLM 0.33's model runner V2 (its default for `ngram` and `draft_model`), which has no such method,
+    its speculator's `propose`; the V2 runner's warm-up calls (`dummy_run`) are not counted. A runner with
+    neither gets the step counter only: its drafter calls read 0, which the benchmark reports as no clock.
 
     The request steps are what tokens per step divides by (vLLM's accepted-token counter also counts
     tokens that max_tokens cut). They are counted in `execute_model`, which runs every step, not in
@@ -22,19 +27,32 @@ def proposer_timer(runner: Any) -> bool:
     """
     if hasattr(runner, "proposer_timer"):
         return False
-    propose = runner.propose_draft_token_ids
+    owner, name = drafter_call(runner)
     execute = runner.execute_model
     runner.proposer_timer = [0, 0.0, 0]
     # A GPU drafter returns before its kernels finish; wait for them so its time is counted, not deferred.
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
 
+    @functools.wraps(execute)
     def counted(*args, **kwargs):
-        scheduler_output = args[0] if args else kwargs["scheduler_output"]
-        runner.proposer_timer[2] += len(scheduler_output.num_scheduled_tokens)
+        if not kwargs.get("dummy_run"):
+            scheduler_output = args[0] if args else kwargs["scheduler_output"]
+            runner.proposer_timer[2] += len(scheduler_output.num_scheduled_tokens)
         return execute(*args, **kwargs)
+
+    runner.execute_model = counted
+    if owner is None or name is None:
+        logger.warning(
+            "dresd-vllm: %s has neither propose_draft_token_ids nor speculator.propose: dresd-bench counts its "
+            "steps but cannot time its drafter", type(runner).__name__,
+        )  # fmt: skip
+        return True
+    propose = getattr(owner, name)
 
     @functools.wraps(propose)
     def timed(*args, **kwargs):
+        if kwargs.get("dummy_run"):
+            return propose(*args, **kwargs)
         sync()
         start = time.perf_counter()
         try:
@@ -44,9 +62,18 @@ def proposer_timer(runner: Any) -> bool:
             runner.proposer_timer[0] += 1
             runner.proposer_timer[1] += time.perf_counter() - start
 
-    runner.propose_draft_token_ids = timed
-    runner.execute_model = counted
+    setattr(owner, name, timed)
     return True
+
+
+def drafter_call(runner: Any) -> tuple[Any, str] | tuple[None, None]:
+    """(object, method name) of the call in which this runner drafts, or (None, None) where there is none."""
+    if callable(getattr(runner, "propose_draft_token_ids", None)):
+        return runner, "propose_draft_token_ids"
+    speculator = getattr(runner, "speculator", None)
+    if callable(getattr(speculator, "propose", None)):
+        return speculator, "propose"
+    return None, None
 
 
 def read_proposer_timer(worker: Any) -> tuple[int, float, int]:
