@@ -71,7 +71,7 @@ def measure_steps(
     max_len: int,
     rng: np.random.Generator,
 ) -> list[dict[str, Any]]:
-    """p50/p99/mean of ``Drafter.step`` for one batch of decoding requests, and of each of its stages.
+    """p50/p99/mean of ``Drafter.step`` for one batch of decoding requests (wall and CPU time), and of its stages.
 
     Each step the requests sample one token (a held-out state's own next token) and verify it: one
     verified state per request, whose key the online store then adds. Several ``drafters`` take the
@@ -84,7 +84,7 @@ def measure_steps(
     token_ids = rng.integers(2, vocab, size=(batch_size, _HISTORY + steps + 1))
     num_tokens = np.full(batch_size, _HISTORY)
     caps = np.full(batch_size, max_len)
-    times = [{name: [] for name in ("total", *STAGES)} for _ in drafters]
+    times: list[dict[str, list[float]]] = [{name: [] for name in ("total", "cpu", *STAGES)} for _ in drafters]
     survivors, drafted = [0] * len(drafters), [0] * len(drafters)
     for i in range(steps):
         rows = rng.choice(hidden.shape[0], size=batch_size, replace=False)
@@ -95,12 +95,13 @@ def measure_steps(
         for d in range(len(drafters)) if i % 2 == 0 else reversed(range(len(drafters))):
             drafter = drafters[d]
             before = drafter.retriever.stats.snapshot(), _drafter_seconds(drafter.stats)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             drafts = drafter.step(req_ids, sampled, num_tokens, token_ids, verified, caps)
-            total = time.perf_counter() - t0
+            total, cpu = time.perf_counter() - t0, time.thread_time() - c0
             if i < warmup:
                 continue
             times[d]["total"].append(total)
+            times[d]["cpu"].append(cpu)
             for name in RETRIEVER_STAGES:
                 times[d][name].append(getattr(drafter.retriever.stats, f"{name}_s") - getattr(before[0], f"{name}_s"))
             for name in DRAFTER_STAGES:
@@ -111,6 +112,9 @@ def measure_steps(
     return [
         {
             **_percentiles(times[d]["total"]),
+            # The calling thread's CPU time (every search runs in it, one thread): on a shared machine a step
+            # that waits for a core takes longer on the clock, not in CPU time.
+            **{f"cpu_{k}": v for k, v in _percentiles(times[d]["cpu"]).items()},
             "stages": {name: _percentiles(times[d][name]) for name in STAGES},
             **{f"{name}_ms": 1e3 * float(np.median(times[d][name])) for name in STAGES},  # medians, like p50
             "survivors_per_request": survivors[d] / requests,

@@ -22,7 +22,7 @@ import torch
 from dresd_vllm.torch_ivf import WORKSPACE_BYTES, HostCopy, chunk_rows, exact_search
 
 # Slots one query scans at most (probes x list_size): a few percent of a full store.
-SCAN_SLOTS = 2048
+SCAN_SLOTS = 1024
 # Ring slots per list as a multiple of an even share of the capacity, for lists that fill faster.
 LIST_SLACK = 2
 
@@ -239,7 +239,7 @@ class OnlineStore:
         keys = self.keys.view(self.nlist, self.list_size, dim)[probe].reshape(q.shape[0], -1, dim)
         live = self._stamps.view(self.nlist, self.list_size)[probe].reshape(q.shape[0], -1) >= floor
         scores, pos = exact_search(q, keys, k, live)
-        return scores, torch.where(pos >= 0, slots.gather(1, pos.clamp(min=0)), -1)
+        return scores, slots.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -1)
 
     def values_of(self, slots: np.ndarray) -> np.ndarray:
         """Values ``int32 [..., n_next + 1]`` of ``slots [...]``; rows of -1 where a slot is -1."""

@@ -115,7 +115,7 @@ class Projection:
         # fp32 GEMM: bf16/fp16 inputs would lose the precision the z-score needs.
         y = torch.addmm(self.bias, hidden.float(), self.weight)
         finite = torch.isfinite(y).all(dim=1)
-        y = torch.where(finite[:, None], y, 0.0)
+        y = y.masked_fill(~finite[:, None], 0.0)
         # Round through fp16 like the paper, but normalise in fp32: squaring fp16 overflows past 256.
         y = y.clamp(-_FP16_MAX, _FP16_MAX).half().float()
         return torch.nn.functional.normalize(y, dim=1).half(), finite

@@ -93,6 +93,18 @@ def test_nan_and_inf_rows_are_named(projection, states):
         projection(x)
 
 
+def test_project_masks_bad_rows_without_waiting_for_the_device(projection, states):
+    """The served path's form: a flag per row instead of a check that reads the device's data."""
+    from benchmarks.gpu_check import HostWaits
+
+    x = torch.from_numpy(states[:4].copy())
+    x[2, 5] = float("inf")
+    with HostWaits() as waits:
+        keys, finite = projection.project(x)
+    assert waits.ops == [] and finite.tolist() == [True, True, False, True]
+    assert torch.equal(keys[2], torch.zeros_like(keys[2])) and torch.equal(keys[[0, 1, 3]], projection(x[[0, 1, 3]]))
+
+
 def test_wrong_hidden_size(projection):
     with pytest.raises(ValueError, match=rf"must be \[B, {H}\], got \(2, 7\)"):
         projection(torch.zeros(2, 7))

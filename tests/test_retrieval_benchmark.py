@@ -43,7 +43,7 @@ def test_tiny_benchmark_writes_its_report(tmp_path, capsys):
         assert result["load_s"] > 0 and result["peak_rss_mb_build"] > 0
         assert set(result["latency"]) == {"1", "3"}
         for latency in result["latency"].values():
-            assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+            assert 0 < latency["p50_ms"] <= latency["p99_ms"] and 0 < latency["cpu_p50_ms"] <= latency["cpu_p99_ms"]
             assert latency["search_ms"] > 0 and latency["draft_tokens_per_request"] > 0
             assert set(latency["stages"]) == set(retrieval.STAGES)
             for name in ("projection", "search", "merge", "context", "score") + ("online_search",) * result[
