@@ -348,31 +348,36 @@ class HostCopy:
     def __call__(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
         """NumPy copies of ``tensors`` (CPU or one device), after at most one transfer."""
         self.copies += 1
-        on_device = [t for t in tensors if t.device.type != "cpu"]
-        if not on_device:
+        on_device = [t.device.type != "cpu" for t in tensors]
+        if not any(on_device):
             return [t.detach().numpy() for t in tensors]
-        device = on_device[0].device
-        parts = [t.detach().reshape(-1).view(torch.uint8) for t in on_device]
-        packed = torch.cat(parts)
-        if device.type != "cuda":  # no pinned memory to copy into without blocking: one plain copy
-            return self._split(tensors, packed.cpu().numpy())
-        if self._pinned is None or self._pinned.numel() < packed.numel():
-            self._pinned = torch.empty(2 * packed.numel(), dtype=torch.uint8, pin_memory=True)
-        host = self._pinned[: packed.numel()]
-        host.copy_(packed, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
-        return self._split(tensors, host.numpy())
+        moved = [t for t, d in zip(tensors, on_device, strict=True) if d]
+        packed = pack_bytes(moved)
+        if packed.device.type != "cuda":  # no pinned memory to copy into without blocking: one plain copy
+            raw = packed.cpu().numpy()
+        else:
+            if self._pinned is None or self._pinned.numel() < packed.numel():
+                self._pinned = torch.empty(2 * packed.numel(), dtype=torch.uint8, pin_memory=True)
+            host = self._pinned[: packed.numel()]
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+            raw = host.numpy()
+        unpacked = iter(unpack_bytes(moved, raw))
+        return [next(unpacked) if d else t.detach().numpy() for t, d in zip(tensors, on_device, strict=True)]
 
-    @staticmethod
-    def _split(tensors: Sequence[torch.Tensor], raw: np.ndarray) -> list[np.ndarray]:
-        out, offset = [], 0
-        for t in tensors:
-            if t.device.type == "cpu":
-                out.append(t.detach().numpy())
-                continue
-            size = t.numel() * t.element_size()
-            out.append(raw[offset : offset + size].view(_NUMPY[t.dtype]).reshape(t.shape).copy())
-            offset += size
-        return out
+
+def pack_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The bytes of ``tensors`` (one device), one after the other, as one uint8 tensor on that device."""
+    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def unpack_bytes(tensors: Sequence[torch.Tensor], raw: np.ndarray) -> list[np.ndarray]:
+    """Arrays shaped and typed like ``tensors`` from ``raw``, the bytes :func:`pack_bytes` made of them."""
+    out, offset = [], 0
+    for t in tensors:
+        size = t.numel() * t.element_size()
+        out.append(raw[offset : offset + size].view(_NUMPY[t.dtype]).reshape(t.shape).copy())
+        offset += size
+    return out

@@ -161,3 +161,21 @@ def test_lists_given_by_the_caller_are_the_ones_assign_computes():
     b.add(keys, ["x"] * 20, np.arange(20), lists=a.assign(keys).numpy())
     np.testing.assert_array_equal(a.stamps, b.stamps)
     assert a._copy.copies == 1 and b._copy.copies == 0  # the caller's lists came back with its own copy
+
+
+def test_the_packed_copy_back_restores_every_dtype_and_shape():
+    """The bytes a GPU step copies back in one transfer (the packing runs here on CPU tensors)."""
+    from dresd_vllm.torch_ivf import pack_bytes, unpack_bytes
+
+    tensors = [
+        torch.tensor([True, False, True]),
+        torch.randn(3, 5),
+        torch.arange(-3, 12, dtype=torch.int64).reshape(3, 5),
+        torch.randn(2, 3).half(),
+        torch.arange(7, dtype=torch.int32),
+    ]
+    raw = pack_bytes(tensors).numpy()  # odd offsets: 3 bytes of flags first
+    assert raw.dtype == np.uint8 and len(raw) == 3 + 60 + 120 + 12 + 28
+    for got, want in zip(unpack_bytes(tensors, raw), tensors, strict=True):
+        assert got.dtype == want.numpy().dtype and got.shape == tuple(want.shape)
+        np.testing.assert_array_equal(got, want.numpy())
