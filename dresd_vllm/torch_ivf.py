@@ -375,7 +375,8 @@ def pack_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def unpack_bytes(tensors: Sequence[torch.Tensor], raw: np.ndarray) -> list[np.ndarray]:
     """Arrays shaped and typed like ``tensors`` from ``raw``, the bytes :func:`pack_bytes` made of them."""
-    out, offset = [], 0
+    out: list[np.ndarray] = []
+    offset = 0
     for t in tensors:
         size = t.numel() * t.element_size()
         out.append(raw[offset : offset + size].view(_NUMPY[t.dtype]).reshape(t.shape).copy())
