@@ -36,6 +36,12 @@ class DresdProposer(GuardedProposer):
         patches.require(self.method, "capture_hidden_states")
         super().__init__(vllm_config)
         self.config = DresdConfig.from_dict(self.options)
+        self.output_rank = _output_rank()
+        if not self.output_rank:
+            # vLLM schedules the drafts of tensor-parallel rank 0 alone: the executor takes them from its output
+            # rank (`take_draft_token_ids`), and every rank's forward pass reads them from the scheduler's output.
+            logger.info("DReSD: not the output rank, whose drafts vLLM schedules; no datastore, no drafts here")
+            return
         model_config = vllm_config.model_config
         self.datastore = Datastore.load(
             self.config.datastore, SearchOptions.of(self.config, device=vllm_config.device_config.device)
@@ -85,6 +91,8 @@ class DresdProposer(GuardedProposer):
         token_ids_cpu: np.ndarray,
         max_len: np.ndarray,
     ) -> list[list[int]]:
+        if not self.output_rank:
+            return [[] for _ in sampled_token_ids]
         # The setting this step's forward pass ran with: a proposer that leaked FAISS's would show it here.
         if faiss.omp_get_max_threads() != self._omp_threads:
             self._threads_changed_steps += 1
@@ -102,6 +110,8 @@ class DresdProposer(GuardedProposer):
     def stats(self) -> dict[str, float]:
         """The base counters plus the retriever's stage times and filter counts and the drafter's choices."""
         stats = super().stats()
+        if not self.output_rank:
+            return stats
         retriever = dataclasses.asdict(self.retriever.stats)
         drafter = dataclasses.asdict(self.drafter.stats)
         steps = max(stats["steps"], 1)
