@@ -215,7 +215,7 @@ class NgramContext(ContextSource):
                 continue
             n, row = int(num_tokens[i]), token_ids[i]
             request = self.requests.get(req_id)
-            if request is None:
+            if request is None or request.end != n - len(sampled):  # new, or its tokens are not the ones indexed
                 request = self.requests[req_id] = _Request(np.asarray(row[: n - len(sampled)]))
             request.append(row, sampled)
             if width > 0:

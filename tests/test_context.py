@@ -105,6 +105,14 @@ def test_drafts_grow_with_the_request_step_by_step():
         assert found.tokens[0].tolist() == rows[0, n : n + min(4, matched)].tolist() + [-1] * (4 - min(4, matched))
 
 
+def test_a_request_whose_tokens_are_not_the_ones_indexed_is_indexed_again():
+    source = NgramContext(cached_requests=0)
+    _step(source, ["a"], [[1, 2, 3, 1, 2]])
+    # The same id, its row holding other tokens than the 5 indexed: drafts come from the row's tokens.
+    found = _step(source, ["a"], [[7, 8, 9, 4, 7, 8, 9, 4, 5, 6, 7, 8]])
+    assert found.match_len[0] == 2 and found.tokens[0, :3].tolist() == [9, 4, -1]
+
+
 def test_keys_of_python_and_numpy_agree():
     tokens = np.array([5, 151000, 3, 0, 77, 2**20], dtype=np.int64)
     for order in ORDERS:
