@@ -236,8 +236,10 @@ class OnlineStore:
         probe = torch.topk(torch.addmm(self._bias, q, self._weight), self.probes, dim=1).indices  # [b, P]
         slots = (probe[:, :, None] * self.list_size + self._ring).reshape(q.shape[0], -1)  # [b, P * L]
         dim = self.keys.shape[1]
-        keys = self.keys.view(self.nlist, self.list_size, dim)[probe].reshape(q.shape[0], -1, dim)
-        live = self._stamps.view(self.nlist, self.list_size)[probe].reshape(q.shape[0], -1) >= floor
+        # index_select copies whole lists (contiguous rows): about twice as fast as advanced indexing.
+        lists = probe.reshape(-1)
+        keys = self.keys.view(self.nlist, -1).index_select(0, lists).view(q.shape[0], -1, dim)
+        live = self._stamps.view(self.nlist, -1).index_select(0, lists).view(q.shape[0], -1) >= floor
         scores, pos = exact_search(q, keys, k, live)
         return scores, slots.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -1)
 

@@ -69,7 +69,7 @@ def exact_search(
     if keys.ndim == 2:
         sims = q @ keys.T
     else:
-        sims = torch.bmm(keys, q[:, :, None]).squeeze(2)
+        sims = torch.bmm(q[:, None, :], keys.transpose(1, 2)).squeeze(1)  # [b, 1, d] @ [b, d, N]: the faster layout
     if valid is not None and valid.ndim == 1:
         valid = valid[None, :]
     return top_k(sims, k, valid)
@@ -247,13 +247,15 @@ class TorchIVF:
         if self._pq:
             m = self.codebooks.shape[0]
             luts = torch.einsum("bmd,mkd->bmk", q.view(q.shape[0], m, -1), self.codebooks).reshape(q.shape[0], -1)
-            cells = self.codes[src].long() + self._cell_offsets  # [b, S, M] rows of the flattened tables
+            codes = self.codes.index_select(0, src.reshape(-1)).view(*src.shape, -1)
+            cells = codes.long() + self._cell_offsets  # [b, S, M] rows of the flattened tables
             scores = luts.gather(1, cells.view(q.shape[0], -1)).view(cells.shape).sum(dim=2)
             if self.by_residual:
                 scores = scores + coarse.gather(1, seg)
             top, pos = top_k(scores, k, valid)
         else:
-            top, pos = exact_search(q, self.keys[src], k, valid)
+            keys = self.keys.index_select(0, src.reshape(-1)).view(*src.shape, -1)
+            top, pos = exact_search(q, keys, k, valid)
         ids = self.ids[src.gather(1, pos.clamp(min=0))].long()
         return top, ids.masked_fill(pos < 0, -1)
 
