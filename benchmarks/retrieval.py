@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from build_tools.cli import comma_list
+from build_tools.index_metrics import recall_at_k, self_retrieval_mrr
 from dresd_vllm.config import DresdConfig
 from dresd_vllm.datastore import Datastore
 from dresd_vllm.drafting import Drafter
-from dresd_vllm.evaluation import recall_at_k, self_retrieval_mrr
 from dresd_vllm.retriever import MERGES
 from dresd_vllm.search import BACKENDS, SearchOptions
 

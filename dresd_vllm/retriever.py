@@ -8,41 +8,21 @@ branch. The merge is vectorised over the batch (no trie objects, no dict per key
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
 
-import faiss
 import numpy as np
 import torch
 
 from dresd_vllm.datastore import Datastore
 from dresd_vllm.online_store import OnlineStore
+from dresd_vllm.threads import omp_threads
 from dresd_vllm.torch_ivf import HostCopy
 
 MERGES = ("trie", "top1")
 # Survivors weigh their cosine similarity, floored so that a survivor with a
 # negative similarity still counts and the total weight is never zero.
 _MIN_WEIGHT = 1e-3
-
-
-@contextlib.contextmanager
-def omp_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` OpenMP threads, then give the calling thread back its own setting.
-
-    FAISS and torch share one OpenMP runtime when Intel OpenMP is preloaded, and the setting is the
-    calling thread's: left at ``n``, it would also be the thread count of the model's next forward pass.
-    """
-    if n is None:
-        yield
-        return
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 @dataclasses.dataclass

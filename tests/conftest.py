@@ -279,7 +279,7 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def one_faiss_thread() -> Iterator[None]:
     """FAISS on one thread for a module: its OpenMP threads spin against other processes on 2 cores."""
-    from dresd_vllm.retriever import omp_threads
+    from dresd_vllm.threads import omp_threads
 
     with omp_threads(1):
         yield

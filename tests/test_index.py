@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dresd_vllm.evaluation import exact_neighbours, recall_at_k, self_retrieval_mrr
+from build_tools.index_metrics import exact_neighbours, recall_at_k, self_retrieval_mrr
 from dresd_vllm.index import (
     PQ_CODE,
     auto_factory,

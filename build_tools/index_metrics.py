@@ -1,4 +1,4 @@
-"""Intrinsic evaluation of a datastore's index (used by ``dresd-build eval`` and the benchmark).
+"""Intrinsic evaluation of a datastore's index (used by ``dresd-build eval`` and ``dresd-bench retrieval``).
 
 - recall@K: how many of the exact top-K neighbours the ANN index returns, on held-out states.
 - self-retrieval MRR: query the index with stored keys and rank each key's own id,
