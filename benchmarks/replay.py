@@ -186,7 +186,11 @@ def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], di
         drafter = Drafter(ds, options)
 
         def stats() -> dict[str, Any]:
-            return dict(**dataclasses.asdict(drafter.stats), **dataclasses.asdict(drafter.retriever.stats))
+            return dict(
+                **dataclasses.asdict(drafter.stats),
+                **dataclasses.asdict(drafter.retriever.stats),
+                token_price_by_batch=drafter.price_table(),
+            )
 
         return drafter.step, stats
     if method.kind == "suffix":
@@ -292,7 +296,9 @@ def expand_grid(methods: list[Method], grid: list[str], best_of: bool) -> list[M
 BEST_OF = "dresd-best-of"
 
 
-HEADERS = ["method", "tokens/step", "drafted steps", "draft tok/step", "accept rate", "accept len", "ms/step"]
+HEADERS = [
+    "method", "tokens/step", "drafted steps", "draft tok/step", "accept rate", "accept len", "ms/step", "token price",
+]  # fmt: skip
 
 
 def rows(results: list[dict[str, Any]]) -> list[list[str]]:
@@ -306,6 +312,7 @@ def rows(results: list[dict[str, Any]]) -> list[list[str]]:
             fmt(r["acceptance_rate"], ".1%"),
             fmt(r["mean_acceptance_length"]),
             fmt(1e3 * r["seconds"] / r["steps"], ".3f"),
+            fmt(r["proposer_stats"].get("token_price"), ".3f"),
         ]
         for r in results
     ]
@@ -354,5 +361,11 @@ def run_replay(args: Namespace, methods: list[Method], settings: Settings, promp
             best[entry] = dict(point=r["name"], tokens_per_step=r["tokens_per_step"])
     for entry, point in best.items():
         print(f"best {entry}: {point['point']} ({point['tokens_per_step']:.3f} tokens/step)")
+    if any(r["kind"] == "dresd" for r in results):
+        # Replay steps each request alone without an engine, so no step times: the price is the prior (or token_cost).
+        print(
+            "token price: the share of a step a draft token per request costs at batch 1; a replay has no engine "
+            "steps to fit it from, so it is today's constants' (or token_cost); served, `dresd_stats` reports the fit"
+        )
     body = dict(settings=settings.to_json(), prompts=prompts.source, grid=args.grid, best=best, methods=results)
     return finish(out_dir, "replay.json", body, markdown_table(HEADERS, rows(results)), list, [])

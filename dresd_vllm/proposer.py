@@ -79,6 +79,11 @@ class DresdProposer(GuardedProposer):
             self.datastore.manifest.num_keys, self.config.datastore, self.config.top_k, self.config.merge, self.k,
             self.config.context, self.config.online_store, self.config.length_control,
         )  # fmt: skip
+        if self.config.online_store_path is not None:
+            logger.info(
+                "DReSD: online store spool %s: %d keys reloaded, %s", self.config.online_store_path,
+                self.drafter.stats.reloaded_keys, "appending" if self.drafter.spool else "read only (not rank 0)",
+            )  # fmt: skip
 
     def capture_hidden_states(self, verified: torch.Tensor, req_ids: list[str]) -> None:
         """Called by the patched runner: the states of every verified position, request after request."""
@@ -131,6 +136,10 @@ class DresdProposer(GuardedProposer):
         stats["threads_changed_steps"] = self._threads_changed_steps
         for batch, price in self.drafter.price_table().items():
             stats[f"token_price_b{batch}"] = price
+        if self.drafter.spool is not None:  # the writer thread's counters: keys on disk, dropped, failed writes
+            spool = self.drafter.spool
+            stats.update(spool_written_keys=spool.written_rows, spool_dropped_keys=spool.dropped_rows)
+            stats["spool_errors"] = spool.errors
         return stats
 
 

@@ -2,7 +2,7 @@
 
 With ``online_store_path`` set, every verified state the proposer projects (its fp16 key) goes into
 an in-memory chunk with the token it produced, its position and its request's tag. A full chunk, or
-one older than :data:`FLUSH_S`, is handed to a background thread, which writes it as one file::
+one that has waited :data:`FLUSH_S`, goes to a background thread, which writes it as one file::
 
     MAGIC  u32 header length  header (JSON)  payload
 
@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing.util
 import os
 import queue
 import struct
@@ -49,8 +50,11 @@ INFO = "spool.json"
 SUFFIX = ".chunk"
 # Rows of a chunk: 8192 keys of 64 dimensions make a file of about 1.2 MB.
 CHUNK_ROWS = 8192
-# A chunk older than this is written even if not full, so a crash loses at most this much.
-FLUSH_S = 30.0
+# A chunk that has waited this long is written even if not full: what a server stopped or killed loses.
+# (vLLM kills its worker processes at shutdown, so the last partial chunk cannot wait for an exit hook.)
+FLUSH_S = 5.0
+# Most chunk files kept, whatever their size (light traffic writes small ones).
+MAX_CHUNKS = 10_000
 # Chunks waiting for the writer (about 10 MB); past this a step drops its chunk rather than wait for the disk.
 QUEUE_CHUNKS = 8
 _LENGTH = struct.Struct("<I")
@@ -222,9 +226,11 @@ class SpoolWriter:
     """Appends a drafter's verified states to the spool in ``directory`` (see the module docstring).
 
     :meth:`append` only copies into a preallocated chunk (on the keys' device: a GPU's keys are
-    copied back once a chunk, not once a step); files are written by a background thread. A chunk
-    that finds ``queued`` chunks waiting for the disk is dropped and counted, never waited for.
-    :meth:`close` (also run at interpreter exit) writes the last partial chunk.
+    copied back once a chunk, not once a step); files are written by a background thread, which
+    also hands over a chunk that has waited ``flush_s``. A chunk that finds ``queued`` chunks
+    waiting for the disk is dropped and counted, never waited for. :meth:`close` writes the last
+    partial chunk; it also runs when the process exits normally (``atexit``, and a multiprocessing
+    finaliser for processes that exit through multiprocessing, which skips ``atexit``).
     """
 
     def __init__(
@@ -258,34 +264,38 @@ class SpoolWriter:
         self.written_rows = 0  # rows in chunks the writer has written
         self.dropped_rows = 0
         self.errors = 0
+        self._lock = threading.Lock()  # the step and the writer's timed flush share the chunk being filled
         self._queue: queue.Queue = queue.Queue(maxsize=queued)
         self._thread = threading.Thread(target=self._write_loop, name="dresd-spool", daemon=True)
         self._thread.start()
         self._closed = False
         atexit.register(self.close)
+        self._finalizer = multiprocessing.util.Finalize(self, self.close, exitpriority=100)
 
     def append(self, keys: torch.Tensor, tokens: np.ndarray, positions: np.ndarray, tags: np.ndarray) -> None:
         """Spool ``keys [R, dim]``: row r's state produced ``tokens[r]`` at ``positions[r]`` of request ``tags[r]``."""
         count, done = len(tokens), 0
-        if count and not self._fill:
-            self._since = time.monotonic()
-        while done < count:
-            take = min(count - done, len(self._tokens) - self._fill)
-            rows = slice(self._fill, self._fill + take)
-            self._keys[rows] = keys[done : done + take]
-            self._tokens[rows] = tokens[done : done + take]
-            self._positions[rows] = positions[done : done + take]
-            self._tags[rows] = tags[done : done + take]
-            self._fill += take
-            done += take
-            if self._fill == len(self._tokens):
-                self.flush()
-                self._since = time.monotonic()
-        if self._fill and time.monotonic() - self._since > self.flush_s:
-            self.flush()
+        with self._lock:
+            while done < count:
+                if not self._fill:
+                    self._since = time.monotonic()
+                take = min(count - done, len(self._tokens) - self._fill)
+                rows = slice(self._fill, self._fill + take)
+                self._keys[rows] = keys[done : done + take]
+                self._tokens[rows] = tokens[done : done + take]
+                self._positions[rows] = positions[done : done + take]
+                self._tags[rows] = tags[done : done + take]
+                self._fill += take
+                done += take
+                if self._fill == len(self._tokens):
+                    self._flush()
 
     def flush(self) -> None:
         """Hand the rows gathered so far to the writer as one chunk."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self._fill:
             return
         fill, self._fill = self._fill, 0
@@ -308,12 +318,22 @@ class SpoolWriter:
             return
         self._closed = True
         atexit.unregister(self.close)
+        self._finalizer.cancel()
         self.flush()
         self._queue.put(None)
         self._thread.join(timeout=60)
 
     def _write_loop(self) -> None:
-        while (chunk := self._queue.get()) is not None:
+        while True:
+            try:
+                chunk = self._queue.get(timeout=max(self.flush_s / 4, 0.05))
+            except queue.Empty:
+                with self._lock:
+                    if self._fill and time.monotonic() - self._since >= self.flush_s:
+                        self._flush()
+                continue
+            if chunk is None:
+                return
             try:
                 self._write(*chunk)
             except Exception:
@@ -347,7 +367,7 @@ class SpoolWriter:
         self._bound()
 
     def _bound(self) -> None:
-        """Delete the oldest chunks until the spool holds at most max_bytes (never the newest)."""
+        """Delete the oldest chunks until the spool holds at most max_bytes and MAX_CHUNKS (never the newest)."""
         files = chunk_files(self.directory)
         sizes = []
         for path in files:
@@ -355,9 +375,10 @@ class SpoolWriter:
                 sizes.append(path.stat().st_size)
             except FileNotFoundError:  # another replica's writer deleted it
                 sizes.append(0)
-        total = sum(sizes)
+        total, count = sum(sizes), len(files)
         for path, size in zip(files[:-1], sizes[:-1], strict=True):
-            if total <= self.max_bytes:
+            if total <= self.max_bytes and count <= MAX_CHUNKS:
                 break
             path.unlink(missing_ok=True)
             total -= size
+            count -= 1

@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -85,11 +86,16 @@ def test_spool_is_bounded_and_a_partial_chunk_waits_at_most_flush_s(tmp_path):
     assert sum(f.stat().st_size for f in files) <= 1500 and len(files) >= 2
     assert read_spool(tmp_path, "sha256:p").keys[-1, 0] in (7, 9)  # the newest rows survive
 
-    eager = SpoolWriter(tmp_path / "eager", "sha256:p", DIM, max_bytes=1 << 30, chunk_rows=1000, flush_s=0.0)
-    eager.append(torch.zeros((2, DIM), dtype=torch.float16), np.array([1, 2]), np.array([5, 6]), np.array([1, 1]))
-    eager.append(torch.zeros((1, DIM), dtype=torch.float16), np.array([3]), np.array([7]), np.array([1]))
-    eager.close()
-    assert len(chunk_files(tmp_path / "eager")) == 2
+    # A chunk that has waited flush_s is written while the server idles, before it fills.
+    timed = SpoolWriter(tmp_path / "timed", "sha256:p", DIM, max_bytes=1 << 30, chunk_rows=1000, flush_s=0.2)
+    timed.append(torch.zeros((2, DIM), dtype=torch.float16), np.array([1, 2]), np.array([5, 6]), np.array([1, 1]))
+    deadline = time.monotonic() + 30
+    while not chunk_files(tmp_path / "timed") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(chunk_files(tmp_path / "timed")) == 1
+    timed.append(torch.zeros((1, DIM), dtype=torch.float16), np.array([3]), np.array([7]), np.array([1]))
+    timed.close()
+    assert len(chunk_files(tmp_path / "timed")) == 2 and len(read_spool(tmp_path / "timed", "sha256:p").keys) == 3
 
 
 def test_damaged_chunks_are_skipped_with_a_warning(tmp_path, spool_log):
