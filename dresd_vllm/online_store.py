@@ -19,7 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dresd_vllm.torch_ivf import WORKSPACE_BYTES, HostCopy, chunk_rows, exact_search
+from dresd_vllm.host_copy import HostCopy
+from dresd_vllm.online_values import PendingValues
+from dresd_vllm.torch_search import WORKSPACE_BYTES, cat_chunks, chunk_rows, exact_search
 
 # Slots one query scans at most (probes x list_size): a few percent of a full store.
 SCAN_SLOTS = 1024
@@ -31,30 +33,6 @@ def online_lists(capacity: int) -> int:
     """Coarse lists for a store of ``capacity`` keys over a datastore without its own: ~4 sqrt(capacity),
     a power of two (the FAISS guideline the datastore build follows too)."""
     return 1 << max(0, round(math.log2(4 * math.sqrt(capacity))))
-
-
-class _Pending:
-    """Keys whose values are not complete yet: flat arrays, one row a key."""
-
-    def __init__(self) -> None:
-        self.slots = np.empty(0, dtype=np.int64)
-        self.stamps = np.empty(0, dtype=np.int64)
-        self.owners = np.empty(0, dtype=np.int64)  # the owning request's code
-        self.positions = np.empty(0, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def keep(self, mask: np.ndarray) -> None:
-        self.slots, self.stamps, self.owners, self.positions = (
-            a[mask] for a in (self.slots, self.stamps, self.owners, self.positions)
-        )
-
-    def extend(self, slots: np.ndarray, stamps: np.ndarray, owners: np.ndarray, positions: np.ndarray) -> None:
-        self.slots, self.stamps, self.owners, self.positions = (
-            np.concatenate(p) for p in zip((self.slots, self.stamps, self.owners, self.positions),
-                                           (slots, stamps, owners, positions), strict=True)
-        )  # fmt: skip
 
 
 class OnlineStore:
@@ -101,10 +79,7 @@ class OnlineStore:
         self._slot_of = np.zeros(capacity, dtype=np.int64)  # slot of the key with insertion number s, at s % capacity
         self.added = 0  # keys ever added
         self._size = 0
-        self._pending = _Pending()
-        self._codes: dict[object, int] = {}  # request id -> code, for requests with pending keys
-        self._next_code = 0
-        self._steps = np.arange(n_next + 1, dtype=np.int64)
+        self._pending = PendingValues(n_next)
         self._ring = torch.arange(self.list_size, device=device)
         per_query = self.probes * self.list_size * (dim * self.keys.element_size() + 32)
         self._rows = chunk_rows(per_query, workspace_bytes)
@@ -133,7 +108,7 @@ class OnlineStore:
             return
         if lists is None:
             lists = self._copy([self.assign(keys)])[0]
-        codes = np.fromiter(map(self._code, owners), np.int64, len(owners))
+        codes = self._pending.codes(owners)
         slots, stamps, kept = self._place(np.asarray(lists, dtype=np.int64))
         self._write(keys, slots, stamps, kept)
         self.values[slots] = -1
@@ -149,13 +124,6 @@ class OnlineStore:
         slots, stamps, kept = self._place(lists)
         self._write(keys, slots, stamps, kept)
         self.values[slots] = values[kept]
-
-    def _code(self, owner: object) -> int:
-        code = self._codes.get(owner)
-        if code is None:
-            code = self._codes[owner] = self._next_code
-            self._next_code += 1
-        return code
 
     def _place(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ring slots and insertion numbers for keys of ``lists``, in order; ``kept`` the rows that get one.
@@ -202,23 +170,7 @@ class OnlineStore:
         ``token_ids[i, :num_tokens[i]]`` are request ``req_ids[i]``'s tokens. Requests that are no
         longer in the batch have finished: their keys keep the values they have.
         """
-        codes = np.fromiter((self._codes.get(r, -1) for r in req_ids), np.int64, len(req_ids))
-        self._codes = {r: int(c) for r, c in zip(req_ids, codes, strict=True) if c >= 0}
-        pending = self._pending
-        if not len(pending):
-            return
-        by_code = np.argsort(codes)
-        at = np.minimum(np.searchsorted(codes[by_code], pending.owners), len(codes) - 1)
-        rows = by_code[at] if len(codes) else np.zeros(len(pending), dtype=np.int64)
-        alive = (codes[rows] == pending.owners) if len(codes) else np.zeros(len(pending), dtype=bool)
-        alive &= self.stamps[pending.slots] == pending.stamps  # not overwritten by newer keys since
-        pending.keep(alive)
-        rows = rows[alive]
-        n = np.asarray(num_tokens, dtype=np.int64)[rows]
-        where = pending.positions[:, None] + self._steps
-        known = where < n[:, None]
-        self.values[pending.slots] = np.where(known, token_ids[rows[:, None], np.minimum(where, n[:, None] - 1)], -1)
-        pending.keep(~known[:, -1])
+        self._pending.fill(self.values, self.stamps, req_ids, token_ids, num_tokens)
 
     def search_tensors(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` ``(scores float32 [B, k], slots int64 [B, k])`` on the store's device (-inf / -1 padded).
@@ -228,9 +180,7 @@ class OnlineStore:
         q = queries.to(self.device, torch.float32)
         floor = max(self.added - self.capacity, 0)  # older keys are evicted; empty slots hold -1
         results = [self._search(q[s : s + self._rows], k, floor) for s in range(0, q.shape[0], self._rows)]
-        if len(results) == 1:
-            return results[0]
-        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+        return cat_chunks(results, q.shape[0], k, self.device)
 
     def _search(self, q: torch.Tensor, k: int, floor: int) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.topk(torch.addmm(self._bias, q, self._weight), self.probes, dim=1).indices  # [b, P]

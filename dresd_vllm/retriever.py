@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from dresd_vllm.datastore import Datastore
+from dresd_vllm.host_copy import HostCopy
 from dresd_vllm.online_store import OnlineStore
 from dresd_vllm.threads import omp_threads
-from dresd_vllm.torch_ivf import HostCopy
 
 MERGES = ("trie", "top1")
 # Survivors weigh their cosine similarity, floored so that a survivor with a

@@ -1,9 +1,9 @@
-"""Search with torch ops on any device: one exact search, the IVF search built on it, and the copy back.
+"""An IVF index searched with torch ops on any device: the GPU path that scales past exact search.
 
-Everything here keeps its shapes fixed by the batch and by sizes known at load, so a step on a GPU
-runs without a host synchronisation until the one copy back (:class:`HostCopy`), and its temporaries
-stay under a byte budget by searching the queries in chunks. FAISS is needed only to read a FAISS
-index (:meth:`TorchIVF.from_faiss`): the GPU check runs this module on a machine without it.
+A query scores the coarse centroids, takes its ``nprobe`` best lists and ranks every key in them with
+:func:`~dresd_vllm.torch_search.exact_search` (or PQ lookup tables), in shapes fixed at load, so a
+step on a GPU runs without a host synchronisation. FAISS is needed only to read a FAISS index
+(:meth:`TorchIVF.from_faiss`): the GPU check runs this module on a machine without it.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dresd_vllm.torch_search import WORKSPACE_BYTES, cat_chunks, chunk_rows, exact_search, top_k
+
 # Keys an IVF search scans by default (see nprobe_for).
 SCAN_KEYS = 8192
-# Bytes of temporaries one search may allocate on its device (see docs/retrieval.md).
-WORKSPACE_BYTES = 256 << 20
 # Bytes of index temporaries per scanned candidate besides its key or codes: positions, segment, mask, score.
 _PER_CANDIDATE = 48
 
@@ -31,89 +31,6 @@ def nprobe_for(nlist: int, num_keys: int) -> int:
     """
     per_list = max(num_keys, 1) / nlist
     return min(nlist, max(16, round(SCAN_KEYS / per_list)))
-
-
-def chunk_rows(per_row_bytes: int, budget: int) -> int:
-    """Rows of a batch searched at once so that their temporaries stay within ``budget`` bytes (at least 1)."""
-    return max(1, budget // max(per_row_bytes, 1))
-
-
-def top_k(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` best columns of ``scores [B, N]`` -> ``(float32 [B, k], positions int64 [B, k])``.
-
-    Columns where ``valid`` is False never win; where fewer than ``k`` columns are valid, or ``N < k``,
-    the missing scores are -inf and their positions -1. Shapes depend on ``B``, ``N`` and ``k`` only.
-    """
-    scores = scores.float()
-    if valid is not None:
-        scores = scores.masked_fill(~valid, -torch.inf)
-    found = min(k, scores.shape[1])
-    top, pos = torch.topk(scores, found, dim=1)
-    pos = pos.masked_fill(torch.isneginf(top), -1)  # masked_fill: where() with a scalar costs ~10x more
-    if found < k:
-        top = torch.nn.functional.pad(top, (0, k - found), value=-torch.inf)
-        pos = torch.nn.functional.pad(pos, (0, k - found), value=-1)
-    return top, pos
-
-
-def exact_search(
-    queries: torch.Tensor, keys: torch.Tensor, k: int, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` keys by inner product: one GEMM, then :func:`top_k`.
-
-    ``keys`` is ``[N, d]`` (shared by every query) or ``[B, N, d]`` (each query's own candidates);
-    ``valid`` (``[N]`` or ``[B, N]``) masks keys out. Returns ``(scores float32 [B, k], positions
-    int64 [B, k])``, positions into ``keys``' N axis, -1 (score -inf) where nothing was found.
-    """
-    q = queries.to(keys.device, keys.dtype)
-    if keys.ndim == 2:
-        sims = q @ keys.T
-    else:
-        sims = torch.bmm(q[:, None, :], keys.transpose(1, 2)).squeeze(1)  # [b, 1, d] @ [b, d, N]: the faster layout
-    if valid is not None and valid.ndim == 1:
-        valid = valid[None, :]
-    return top_k(sims, k, valid)
-
-
-def merge_top_k(
-    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` best of two ``(scores, ids)`` results of the same queries (a's entries first on ties)."""
-    scores, ids = torch.cat([a[0], b[0]], dim=1), torch.cat([a[1], b[1]], dim=1)
-    top, at = top_k(scores, k)
-    return top, ids.gather(1, at.clamp(min=0)).masked_fill(at < 0, -1)
-
-
-class ExactTorch:
-    """Exact search over a ``[N, d]`` key matrix on its device (fp16 on a GPU, fp32 on the CPU)."""
-
-    def __init__(self, keys: torch.Tensor, workspace_bytes: int = WORKSPACE_BYTES):
-        """Search ``keys`` (ids are row numbers) with temporaries of at most ``workspace_bytes``."""
-        self.keys = keys
-        self.device = keys.device
-        # A query's temporaries: its similarities (key dtype) and top-k's float copy.
-        per_key = keys.element_size() + 8
-        self._block = max(1, min(keys.shape[0], workspace_bytes // per_key))  # keys scored at once per query
-        self._rows = chunk_rows(per_key * self._block, workspace_bytes)
-
-    def memory_bytes(self) -> int:
-        """Bytes of the key matrix."""
-        return self.keys.numel() * self.keys.element_size()
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` ``(scores float32 [B, k], ids int64 [B, k])`` on the keys' device (-inf / -1 padded)."""
-        results = []
-        for start in range(0, queries.shape[0], self._rows):
-            q = queries[start : start + self._rows]
-            best: tuple[torch.Tensor, torch.Tensor] | None = None
-            for first in range(0, self.keys.shape[0], self._block):
-                scores, pos = exact_search(q, self.keys[first : first + self._block], k)
-                found = scores, (pos + first).masked_fill(pos < 0, -1)
-                best = found if best is None else merge_top_k(best, found, k)
-            if best is None:  # no keys at all
-                best = top_k(torch.empty((q.shape[0], 0), device=self.device), k)
-            results.append(best)
-        return _cat(results, queries.shape[0], k, self.device)
 
 
 class TorchIVF:
@@ -231,7 +148,7 @@ class TorchIVF:
         """Top-``k`` ``(scores float32 [B, k], ids int64 [B, k])`` on the device (-inf / -1 padded)."""
         q = self.transform(queries)
         results = [self._search(q[start : start + self._rows], k) for start in range(0, q.shape[0], self._rows)]
-        return _cat(results, q.shape[0], k, self.device)
+        return cat_chunks(results, q.shape[0], k, self.device)
 
     def _search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         coarse, probe = torch.topk(q @ self.centroids.T, self.nprobe, dim=1)  # [b, P]
@@ -312,75 +229,3 @@ def spherical_kmeans(x: torch.Tensor, n: int, iters: int = 10, seed: int = 0) ->
         empty = sums.norm(dim=1) == 0
         centroids = torch.where(empty[:, None], centroids, torch.nn.functional.normalize(sums, dim=1))
     return centroids
-
-
-def _cat(
-    results: list[tuple[torch.Tensor, torch.Tensor]], batch: int, k: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(results) == 1:
-        return results[0]
-    if not results:  # an empty batch
-        return torch.empty((batch, k), device=device), torch.empty((batch, k), dtype=torch.long, device=device)
-    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
-
-
-_NUMPY = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.int64: np.int64,
-    torch.int32: np.int32,
-    torch.bool: np.bool_,
-    torch.uint8: np.uint8,
-}
-
-
-class HostCopy:
-    """The one device-to-host copy of a step: several device tensors packed into one transfer.
-
-    On a GPU the tensors' bytes are concatenated on the device and copied without blocking into a
-    pinned buffer kept between steps; the host then waits on an event for that copy alone (a wait
-    that ``torch.cuda.set_sync_debug_mode`` does not count as a synchronising call). On the CPU the
-    tensors are the arrays already. ``copies`` counts the transfers made.
-    """
-
-    def __init__(self) -> None:
-        self._pinned: torch.Tensor | None = None
-        self.copies = 0
-
-    def __call__(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        """NumPy copies of ``tensors`` (CPU or one device), after at most one transfer."""
-        self.copies += 1
-        on_device = [t.device.type != "cpu" for t in tensors]
-        if not any(on_device):
-            return [t.detach().numpy() for t in tensors]
-        moved = [t for t, d in zip(tensors, on_device, strict=True) if d]
-        packed = pack_bytes(moved)
-        if packed.device.type != "cuda":  # no pinned memory to copy into without blocking: one plain copy
-            raw = packed.cpu().numpy()
-        else:
-            if self._pinned is None or self._pinned.numel() < packed.numel():
-                self._pinned = torch.empty(2 * packed.numel(), dtype=torch.uint8, pin_memory=True)
-            host = self._pinned[: packed.numel()]
-            host.copy_(packed, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            done.synchronize()
-            raw = host.numpy()
-        unpacked = iter(unpack_bytes(moved, raw))
-        return [next(unpacked) if d else t.detach().numpy() for t, d in zip(tensors, on_device, strict=True)]
-
-
-def pack_bytes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The bytes of ``tensors`` (one device), one after the other, as one uint8 tensor on that device."""
-    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
-
-
-def unpack_bytes(tensors: Sequence[torch.Tensor], raw: np.ndarray) -> list[np.ndarray]:
-    """Arrays shaped and typed like ``tensors`` from ``raw``, the bytes :func:`pack_bytes` made of them."""
-    out: list[np.ndarray] = []
-    offset = 0
-    for t in tensors:
-        size = t.numel() * t.element_size()
-        out.append(raw[offset : offset + size].view(_NUMPY[t.dtype]).reshape(t.shape).copy())
-        offset += size
-    return out

@@ -8,7 +8,8 @@ import pytest
 
 from dresd_vllm import context
 from dresd_vllm.context import ContextSource, SuffixTreeContext
-from dresd_vllm.context_ngram import ORDERS, NgramContext, _Responses, ngram_key, ngram_keys
+from dresd_vllm.context_ngram import NgramContext
+from dresd_vllm.ngram_index import ORDERS, ResponseRing, ngram_key, ngram_keys
 
 SOURCES = [NgramContext] + ([SuffixTreeContext] if context.suffix_tree_available() else [])
 
@@ -121,7 +122,7 @@ def test_keys_of_python_and_numpy_agree():
 
 
 def test_global_store_keeps_the_last_responses_within_its_capacity():
-    store = _Responses(max_responses=2, capacity=32)
+    store = ResponseRing(max_responses=2, capacity=32)
 
     def held(row: list[int]) -> list[int]:
         """Held positions ending in row's last two tokens (a chain may also hold positions of other n-grams)."""

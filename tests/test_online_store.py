@@ -165,7 +165,7 @@ def test_lists_given_by_the_caller_are_the_ones_assign_computes():
 
 def test_the_packed_copy_back_restores_every_dtype_and_shape():
     """The bytes a GPU step copies back in one transfer (the packing runs here on CPU tensors)."""
-    from dresd_vllm.torch_ivf import pack_bytes, unpack_bytes
+    from dresd_vllm.host_copy import pack_bytes, unpack_bytes
 
     tensors = [
         torch.tensor([True, False, True]),
