@@ -9,7 +9,6 @@ import dataclasses
 import time
 from typing import cast
 
-import faiss
 import numpy as np
 import torch
 from vllm.config import VllmConfig
@@ -72,8 +71,6 @@ class DresdProposer(GuardedProposer):
         )
         self._verified: torch.Tensor | None = None
         self._req_ids: list[str] = []
-        self._omp_threads = faiss.omp_get_max_threads()
-        self._threads_changed_steps = 0
         logger.info(
             "DReSD: %d keys from %s, top_k=%d, merge=%s, k=%d, context=%s, online_store=%s, length_control=%s",
             self.datastore.manifest.num_keys, self.config.datastore, self.config.top_k, self.config.merge, self.k,
@@ -98,9 +95,6 @@ class DresdProposer(GuardedProposer):
     ) -> list[list[int]]:
         if not self.output_rank:
             return [[] for _ in sampled_token_ids]
-        # The setting this step's forward pass ran with: a proposer that leaked FAISS's would show it here.
-        if faiss.omp_get_max_threads() != self._omp_threads:
-            self._threads_changed_steps += 1
         verified, self._verified = self._verified, None
         if verified is None:
             raise RuntimeError("no hidden states were captured for this step; is dresd_vllm.patches applied?")
@@ -117,23 +111,13 @@ class DresdProposer(GuardedProposer):
         stats = super().stats()
         if not self.output_rank:
             return stats
-        retriever = dataclasses.asdict(self.retriever.stats)
-        drafter = dataclasses.asdict(self.drafter.stats)
         steps = max(stats["steps"], 1)
-        for stage in ("projection", "search", "online_search", "copy", "merge"):
-            stats[f"{stage}_s"] = retriever[f"{stage}_s"]
-            stats[f"{stage}_ms_per_step"] = 1e3 * retriever[f"{stage}_s"] / steps
-        for stage in ("context", "score"):
-            stats[f"{stage}_s"] = drafter[f"{stage}_s"]
-            stats[f"{stage}_ms_per_step"] = 1e3 * drafter[f"{stage}_s"] / steps
-        stats["hits"], stats["survivors"] = retriever["hits"], retriever["survivors"]
-        stats["online_survivors"] = retriever["online_survivors"]
-        for name in (
-            "picked_dense", "picked_context", "dense_tokens", "context_tokens", "online_keys", "stood_down",
-            "token_price", "price_steps", "spooled_keys", "reloaded_keys",
-        ):  # fmt: skip
-            stats[name] = drafter[name]
-        stats["threads_changed_steps"] = self._threads_changed_steps
+        # The base counters keep their names (steps, requests); each stage time also comes per step.
+        parts = {**dataclasses.asdict(self.retriever.stats), **dataclasses.asdict(self.drafter.stats)}
+        for name, value in parts.items():
+            stats.setdefault(name, value)
+            if name.endswith("_s"):
+                stats[f"{name[:-2]}_ms_per_step"] = 1e3 * value / steps
         for batch, price in self.drafter.price_table().items():
             stats[f"token_price_b{batch}"] = price
         if self.drafter.spool is not None:  # the writer thread's counters: keys on disk, dropped, failed writes

@@ -107,11 +107,32 @@ def test_search_threads_leave_the_model_threads_alone(tiny_model, prompts, own_d
 
     other = model_threads + 1  # a search setting that differs from the model's, whatever the machine
     llm = llm_factory(tiny_model, speculative_config=dresd(own_datastore, search_threads=other))
+
+    def record(worker):
+        import faiss
+
+        drafter = worker.model_runner.drafter
+        drafter.threads_around = []
+        propose = drafter.propose
+
+        def checked(*args, **kwargs):
+            # The OpenMP setting of the thread that runs the forward pass, before and after each search.
+            before = faiss.omp_get_max_threads()
+            try:
+                return propose(*args, **kwargs)
+            finally:
+                drafter.threads_around.append((before, faiss.omp_get_max_threads()))
+
+        drafter.propose = checked
+
+    llm.collective_rpc(record)
     llm.generate(prompts[:2], GREEDY, use_tqdm=False)
     (after,) = llm.collective_rpc(lambda worker: __import__("torch").get_num_threads())
+    (around,) = llm.collective_rpc(lambda worker: worker.model_runner.drafter.threads_around)
     (stats,) = llm.collective_rpc("dresd_stats")
     assert after == model_threads
-    assert stats["threads_changed_steps"] == 0 and stats["draft_tokens"] > 0
+    assert around and all(before == after_step != other for before, after_step in around), around
+    assert stats["draft_tokens"] > 0 and stats["search_s"] > 0
 
 
 def test_sampled_requests_are_verified_by_their_own_sampling_params(
