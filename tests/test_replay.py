@@ -42,7 +42,9 @@ def test_trajectories_are_the_plain_greedy_outputs(trajectories, plain_outputs):
 @pytest.mark.parametrize(
     "options",
     [
-        {},  # the full proposer: dense + online store + context, length control
+        # The full proposer: dense + online store + context, length control. At a fixed price (the prior's at
+        # batch 1): the engine fits its price from its step times, which a replay does not have.
+        {"token_cost": 0.04},
         {"context": False, "online_store": False, "length_control": False},  # the paper's pure DReSD
     ],
     ids=["full", "pure"],
