@@ -217,7 +217,9 @@ def curve(rows: list[int], chat_id: Path, work: Path, out: Path) -> list[dict[st
 
     complete = chat_id.read_bytes().count(b"\n")
     run_dir = work / "replay-mt-bench"
-    points = []
+    # Points measured before (another run, a smaller corpus then) stay, unless measured again now.
+    done = json.loads((out / "curve.json").read_text())["points"] if (out / "curve.json").is_file() else []
+    points = [p for p in done if p["rows"] not in rows]
     for n in rows:
         if n > complete:
             print(f"curve: {chat_id} has {complete} rows, fewer than {n}; stopping there", flush=True)
@@ -244,6 +246,7 @@ def curve(rows: list[int], chat_id: Path, work: Path, out: Path) -> list[dict[st
     if points:
         from benchmarks.report import write_report
 
+        points.sort(key=lambda p: p["rows"])
         write_report(out, "curve.json", dict(dataset="mt-bench", prompts=80, points=points))
         names = ["rest", "dresd-ID", "dresd-ID best-of-survivors", "dresd-ID+context", "suffix", "ngram", "pure / REST"]
         lines = ["| prompts | keys | " + " | ".join(names) + " |", "|---:" * (len(names) + 2) + "|"]
