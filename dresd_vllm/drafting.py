@@ -255,14 +255,14 @@ class Drafter:
             tokens[:, :dense_width] = np.where(keep, dense.tokens, -1)
             support[:, :dense_width] = np.where(keep, dense.support, 0.0)
             sources.append((DENSE, tokens, support, np.searchsorted(DENSE_BUCKETS, dense.survivors, "right")))
+        # The position of the token each verified state produced.
+        positions = np.repeat(num_tokens[:batch] - counts, counts) + _ranks(counts)
         if self.online is not None and found is not None:
             owners = np.repeat(np.asarray(req_ids, dtype=object), counts)
-            positions = np.repeat(num_tokens[:batch] - counts, counts) + _ranks(counts)
             self.online.add(found.keys, list(owners), positions, found.lists)
             self.stats.online_keys = len(self.online)
         if self.spool is not None and found is not None:
             sampled = np.fromiter(itertools.chain.from_iterable(sampled_token_ids), np.int32, len(found.keys))
-            positions = np.repeat(num_tokens[:batch] - counts, counts) + _ranks(counts)
             self.spool.append(found.keys, sampled, positions, np.repeat(self.rows.tags[rows], counts))
             self.stats.spooled_keys += len(sampled)
         if self.context is not None:
