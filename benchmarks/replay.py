@@ -194,9 +194,15 @@ def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], di
 
         return drafter.step, stats
     if method.kind == "suffix":
-        from dresd_vllm.context import ContextSource
+        from dresd_vllm.context import SuffixTreeContext, suffix_tree_available
 
-        source = ContextSource()
+        # vLLM's suffix method is arctic-inference's suffix tree: the n-gram fallback would replay another method.
+        if not suffix_tree_available():
+            raise ValueError(
+                "replaying vLLM's suffix method needs arctic-inference's suffix tree, which does not import here: "
+                "install arctic-inference (docs/install.md) or leave suffix out of --methods"
+            )
+        source = SuffixTreeContext()
 
         def suffix(req_ids, sampled, num_tokens, token_ids, verified, max_len):
             found = source.candidates(req_ids, sampled, num_tokens, token_ids, int(max_len.max()))
@@ -218,21 +224,14 @@ def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], di
         return ngram, dict
     if method.kind == "rest":
         from dresd_vllm.config import RestConfig
-        from dresd_vllm.suffix_array import SuffixArrayStore
+        from dresd_vllm.rest_drafting import RestDrafter
 
-        options = RestConfig.from_dict(config)
-        store = SuffixArrayStore(options.datastore)
+        rest = RestDrafter(RestConfig.from_dict(config))
 
-        def rest(req_ids, sampled, num_tokens, token_ids, verified, max_len):
-            return [
-                store.draft(
-                    token_ids[i, max(0, num_tokens[i] - options.max_span) : num_tokens[i]], int(max_len[i]),
-                    options.max_span, options.min_span, options.max_matches, options.min_support,
-                ) if max_len[i] > 0 else []
-                for i in range(len(req_ids))
-            ]  # fmt: skip
+        def rest_step(req_ids, sampled, num_tokens, token_ids, verified, max_len):
+            return rest.step(sampled, num_tokens, token_ids, max_len)
 
-        return rest, dict
+        return rest_step, dict
     raise ValueError(f"replay has no {method.kind!r} proposer (it replays dresd, suffix, ngram and rest)")
 
 

@@ -18,7 +18,7 @@ from . import patches
 from .config import DresdConfig
 from .datastore import Datastore
 from .drafting import Drafter
-from .proposer_base import GuardedProposer, model_tokenizer_fingerprint, proposer_logger
+from .proposer_base import GuardedProposer, model_tokenizer_fingerprint, output_rank, proposer_logger
 from .search import SearchOptions
 
 logger = proposer_logger(__name__)
@@ -35,7 +35,7 @@ class DresdProposer(GuardedProposer):
         patches.require(self.method, "capture_hidden_states")
         super().__init__(vllm_config)
         self.config = DresdConfig.from_dict(self.options)
-        self.output_rank = _output_rank()
+        self.output_rank = output_rank()
         if not self.output_rank:
             # vLLM schedules the drafts of tensor-parallel rank 0 alone: the executor takes them from its output
             # rank (`take_draft_token_ids`), and every rank's forward pass reads them from the scheduler's output.
@@ -58,7 +58,7 @@ class DresdProposer(GuardedProposer):
             self.config,
             device=self.datastore.index.device,
             max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
-            spool=_output_rank(),
+            spool=output_rank(),
         )
         self.retriever = self.drafter.retriever
         # vLLM's batch-size schedule for num_speculative_tokens, applied here so no draft is made to be cut.
@@ -125,16 +125,6 @@ class DresdProposer(GuardedProposer):
             stats.update(spool_written_keys=spool.written_rows, spool_dropped_keys=spool.dropped_rows)
             stats["spool_errors"] = spool.errors
         return stats
-
-
-def _output_rank() -> bool:
-    """Whether this worker's drafts are the ones vLLM schedules (tensor-parallel rank 0): it alone spools."""
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    try:
-        return get_tensor_model_parallel_rank() == 0
-    except AssertionError:  # no parallel groups (a runner built outside a worker)
-        return True
 
 
 def warn_dtype(built: str | None, served: torch.dtype, datastore: str) -> bool:

@@ -50,6 +50,20 @@ def model_tokenizer_fingerprint(model_config: ModelConfig) -> str | None:
     return tokenizer_fingerprint(cached_tokenizer_from_config(model_config))
 
 
+def output_rank() -> bool:
+    """Whether this worker's drafts are the ones vLLM schedules: tensor-parallel rank 0's.
+
+    The executor takes the drafts from its output rank (`take_draft_token_ids`) and every rank's forward
+    pass reads them from the scheduler's output, so the other ranks need no datastore and draft nothing.
+    """
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    try:
+        return get_tensor_model_parallel_rank() == 0
+    except AssertionError:  # no parallel groups (a runner built outside a worker)
+        return True
+
+
 class GuardedProposer:
     """Base of the custom_class proposers; subclasses implement `_draft` and may extend `stats`."""
 

@@ -9,9 +9,10 @@ from vllm.config import VllmConfig
 
 from . import patches
 from .config import RestConfig
-from .manifest import DatastoreError
-from .proposer_base import GuardedProposer, model_tokenizer_fingerprint
-from .suffix_array import SEPARATOR, SuffixArrayStore
+from .proposer_base import GuardedProposer, model_tokenizer_fingerprint, output_rank, proposer_logger
+from .rest_drafting import RestDrafter
+
+logger = proposer_logger(__name__)
 
 
 class RestProposer(GuardedProposer):
@@ -24,20 +25,13 @@ class RestProposer(GuardedProposer):
         patches.apply()
         super().__init__(vllm_config)
         self.config = RestConfig.from_dict(self.options)
-        self.store = SuffixArrayStore(self.config.datastore)
-        expected = self.store.header.get("tokenizer_fingerprint")
-        served = model_tokenizer_fingerprint(vllm_config.model_config)
-        if expected is not None and served is not None and expected != served:
-            raise DatastoreError(
-                f"{self.config.datastore}: 'tokenizer_fingerprint' is {expected}, but the served model's tokenizer "
-                f"is {served}; build the REST datastore with this model's tokenizer"
-            )
-        low, high = (int(self.store.tokens.min()), int(self.store.tokens.max())) if len(self.store.tokens) else (0, 0)
-        if low < SEPARATOR or high >= self.vocab_size:
-            raise DatastoreError(
-                f"{self.config.datastore}: holds token id {low if low < SEPARATOR else high}, outside the served "
-                f"model's vocabulary [0, {self.vocab_size}); build the REST datastore with this model's tokenizer"
-            )
+        self.output_rank = output_rank()
+        if not self.output_rank:
+            # vLLM schedules the drafts of tensor-parallel rank 0 alone (see DresdProposer).
+            logger.info("REST: not the output rank, whose drafts vLLM schedules; no datastore, no drafts here")
+            return
+        self.drafter = RestDrafter(self.config)
+        self.drafter.check_model(model_tokenizer_fingerprint(vllm_config.model_config), self.vocab_size)
 
     def _draft(
         self,
@@ -46,17 +40,6 @@ class RestProposer(GuardedProposer):
         token_ids_cpu: np.ndarray,
         max_len: np.ndarray,
     ) -> list[list[int]]:
-        config = self.config
-        drafts: list[list[int]] = []
-        for i, sampled in enumerate(sampled_token_ids):
-            n = int(num_tokens[i])
-            if not sampled or max_len[i] <= 0:  # partial prefill, or no room left
-                drafts.append([])
-                continue
-            context = token_ids_cpu[i, max(0, n - config.max_span) : n]
-            drafts.append(
-                self.store.draft(
-                    context, int(max_len[i]), config.max_span, config.min_span, config.max_matches, config.min_support
-                )
-            )
-        return drafts
+        if not self.output_rank:
+            return [[] for _ in sampled_token_ids]
+        return self.drafter.step(sampled_token_ids, num_tokens, token_ids_cpu, max_len)

@@ -6,7 +6,9 @@ from conftest import GREEDY_MAX_TOKENS, K
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 
-from dresd_vllm.manifest import tokenizer_fingerprint
+from dresd_vllm.config import RestConfig
+from dresd_vllm.manifest import DatastoreError, tokenizer_fingerprint
+from dresd_vllm.rest_drafting import RestDrafter
 from dresd_vllm.suffix_array import SuffixArrayStore, spread_sample, suffix_array, write_rest_datastore
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS)
@@ -47,6 +49,20 @@ def test_capped_matches_keep_each_continuations_share(tmp_path):
         assert store.draft(np.array([1, 2]), max_len=2, max_matches=cap, min_support=0.0) == [9, 9], cap
     sample = spread_sample(store.occurrences([1, 2]), 30)
     assert len(sample) == 30 and sorted(store.tokens[sample + 2].tolist()) == [5] * 12 + [9] * 18
+
+
+def test_rest_drafter_drafts_each_request_from_its_own_context(tmp_path):
+    sequences = [[1, 2, 3, 4, 5, 6, 7], [9, 2, 3, 4, 8, 8, 8]]
+    config = RestConfig(datastore=str(write_rest_datastore(tmp_path / "rest.npz", sequences, {})), min_support=0.0)
+    drafter = RestDrafter(config)
+    token_ids = np.array([[0, 1, 2, 3, 4, 0], [0, 9, 2, 3, 4, 0], [1, 2, 3, 4, 0, 0], [1, 2, 3, 4, 0, 0]])
+    num_tokens = np.array([5, 5, 4, 4])
+    # The third request sampled nothing (a partial prefill), the fourth has no room left.
+    drafts = drafter.step([[4], [4], [], [4]], num_tokens, token_ids, np.array([3, 2, 3, 0]))
+    assert drafts == [[5, 6, 7], [8, 8], [], []]
+    drafter.check_model(tokenizer_fingerprint=None, vocab_size=10)
+    with pytest.raises(DatastoreError, match="outside the served model's vocabulary"):
+        drafter.check_model(tokenizer_fingerprint=None, vocab_size=9)
 
 
 def test_bad_rest_file_is_refused(tmp_path):
