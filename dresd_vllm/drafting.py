@@ -1,18 +1,14 @@
-"""One DReSD drafting step: capture -> sources -> candidates -> score -> cut -> draft.
+"""One DReSD drafting step, in stages: learn, budget, search, dense, remember, context, price, emit.
 
 Sources: the static dense index and the online dense index (searched together by the
 :class:`~dresd_vllm.retriever.Retriever`), and the request's own context (:class:`ContextSource`).
 Each gives one chain per request with a per-position feature in [0, 1]. The :class:`Scorer` turns a
-feature into the estimated chance that the position is accepted given the one before was, from a
-table of cells (source, strength bucket, depth, feature bin) learnt from what vLLM actually
-accepted; the product along the chain is the chance the position is reached and accepted.
-:func:`cut` stops a chain where that chance no longer pays for verifying the token, and :func:`pick`
-keeps, per request, the chain with the larger expected net gain, at the price of a draft token that
-:class:`~dresd_vllm.scoring.TokenPrice` fits from the engine's step times. The engine's proposer and
-`dresd-bench replay` both drive the same :class:`Drafter`.
-
-Per-request state lives in flat arrays with one row per request (:class:`RequestRows`), sized once to
-vLLM's ``max_num_seqs``: each step reads and writes them with one gather, scatter or ``bincount``.
+feature into the estimated chance that the position is accepted given the one before was, learnt
+from what vLLM actually accepted (:class:`~dresd_vllm.feedback.Feedback`); :func:`price_chains` cuts
+each chain where that chance no longer pays for verifying the token, at the price of a draft token that
+:class:`~dresd_vllm.scoring.TokenPrice` fits from the engine's step times, and keeps per request the
+chain with the larger expected net gain. The engine's proposer and `dresd-bench replay` both drive the
+same :class:`Drafter`. Per-request state lives in flat arrays, one row per request (:class:`RequestRows`).
 """
 
 from __future__ import annotations
@@ -29,8 +25,10 @@ import torch
 from .config import DresdConfig
 from .context import ContextSource
 from .datastore import Datastore
+from .feedback import Feedback
 from .online_store import OnlineStore, online_lists
-from .retriever import Retriever
+from .request_rows import RequestRows
+from .retriever import Found, Retriever
 from .scoring import (
     CONTEXT,
     CONTEXT_BUCKETS,
@@ -38,19 +36,24 @@ from .scoring import (
     DENSE_BUCKETS,
     TOKEN_COST,
     TOKEN_COST_EXPONENT,
+    Chains,
     Scorer,
     TokenPrice,
-    conditional,
-    cut,
-    gain,
-    pick,
+    price_chains,
 )
-from .spool import SpoolWriter, projection_id, read_spool
+from .spool_writer import SpoolWriter, open_spool
 
-# The running mean of tokens per request and step adapts with this rate.
-TOKENS_PER_STEP_RATE = 0.02
-# A gap between two steps longer than this is the engine idling between requests, not a step.
-IDLE_S = 1.0
+
+@dataclasses.dataclass
+class StepBatch:
+    """One step's requests as the engine hands them over (see :meth:`Drafter.step`), with their rows."""
+
+    req_ids: Sequence[object]
+    sampled: Sequence[Sequence[int]]  # the tokens each request sampled this step (none: a partial prefill)
+    num_tokens: np.ndarray  # int [B]: tokens so far, ``token_ids[i, :num_tokens[i]]``
+    token_ids: np.ndarray
+    counts: np.ndarray  # int64 [B]: len(sampled[i])
+    rows: np.ndarray  # int64 [B]: the requests' rows of the per-request arrays (:class:`RequestRows`)
 
 
 @dataclasses.dataclass
@@ -69,44 +72,6 @@ class DrafterStats:
     price_steps: int = 0  # engine steps the price was fitted on
     spooled_keys: int = 0  # verified states handed to the spool
     reloaded_keys: int = 0  # keys the online store took from the spool at start-up
-
-
-class RequestRows:
-    """Request ids -> rows of the drafter's per-request arrays, ``capacity`` (vLLM's max_num_seqs) rows.
-
-    A request keeps its row from the first step it is in the batch to the first it is not (vLLM's input
-    batch condenses its own rows as requests finish, so its row indices cannot be kept across steps).
-    Work per request happens only when requests arrive or leave; a step with the same batch as the one
-    before costs one list comparison.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._rows: dict[object, int] = {}
-        self._free = list(range(capacity - 1, -1, -1))
-        self._last_ids: list[object] = []
-        self._last_rows = np.zeros(0, dtype=np.int64)
-        self.tags = np.zeros(capacity, dtype=np.int64)  # the request's hash: the same request, the same tag
-        self.arrived = np.zeros(0, dtype=np.int64)  # positions in the batch of the requests new in the last call
-
-    def __call__(self, req_ids: Sequence[object]) -> np.ndarray:
-        """The rows ``int64 [B]`` of this step's requests; rows of requests that left are freed."""
-        ids = list(req_ids)
-        if ids == self._last_ids:
-            self.arrived = self.arrived[:0]
-            return self._last_rows
-        if len(ids) > self.capacity:
-            raise RuntimeError(f"a batch of {len(ids)} requests is more than the {self.capacity} rows sized for it")
-        rows = np.fromiter(map(self._rows.get, ids, itertools.repeat(-1)), np.int64, len(ids))
-        self.arrived = np.flatnonzero(rows < 0)
-        if len(self._rows) > len(ids) - len(self.arrived):
-            for gone in self._rows.keys() - set(ids):
-                self._free.append(self._rows.pop(gone))
-        for i in self.arrived.tolist():
-            rows[i] = self._rows[ids[i]] = row = self._free.pop()
-            self.tags[row] = hash(ids[i])
-        self._last_ids, self._last_rows = ids, rows
-        return rows
 
 
 class Drafter:
@@ -128,73 +93,31 @@ class Drafter:
         self.datastore = datastore
         self.length_control = config.length_control
         self.retriever = Retriever(
-            datastore,
-            top_k=config.top_k,
-            merge=config.merge,
-            min_support=config.min_support,
-            max_candidates=config.max_candidates,
-            search_threads=config.search_threads,
-        )
-        self.online = (
-            OnlineStore(
-                datastore.manifest.pca_dim,
-                datastore.n_next,
-                config.online_store_size,
-                datastore.index.device,
-                coarse=datastore.index.coarse_map(online_lists(config.online_store_size)),
-            )  # fmt: skip
-            if config.online_store
-            else None
-        )
-        self.context = (
-            ContextSource(
-                max_depth=config.context_max_depth,
-                cached_requests=config.context_cached_requests,
-                min_token_prob=config.context_min_prob,
+            datastore, top_k=config.top_k, merge=config.merge, min_support=config.min_support,
+            max_candidates=config.max_candidates, search_threads=config.search_threads,
+        )  # fmt: skip
+        self.online: OnlineStore | None = None
+        if config.online_store:
+            size, index = config.online_store_size, datastore.index
+            coarse = index.coarse_map(online_lists(size))
+            self.online = OnlineStore(datastore.manifest.pca_dim, datastore.n_next, size, index.device, coarse=coarse)
+        self.context: ContextSource | None = None
+        if config.context:
+            self.context = ContextSource(
+                config.context_max_depth, config.context_cached_requests, min_token_prob=config.context_min_prob
             )
-            if config.context
-            else None
-        )
         self.scorer = Scorer(adapt=config.adapt)
         self.device_type = torch.device(device).type
         kind = "cuda" if self.device_type == "cuda" else "cpu"
         self.price = TokenPrice(TOKEN_COST[kind], TOKEN_COST_EXPONENT[kind], fixed=config.token_cost)
-        self.tokens_per_step = 1.0
         self.stats = DrafterStats()
         self.rows = RequestRows(max_num_seqs)
-        # Per row: the cells of the request's last draft and its length (0: none), and its last step's
-        # sampled tokens (0: a partial prefill, or new).
-        self._cells = np.zeros((max_num_seqs, 0), dtype=np.int64)
-        self._draft_len = np.zeros(max_num_seqs, dtype=np.int64)
-        self._sampled = np.zeros(max_num_seqs, dtype=np.int64)
-        self._last_start: float | None = None
+        self.feedback = Feedback(self.scorer, self.price, max_num_seqs)
         self.spool: SpoolWriter | None = None
         if config.online_store_path is not None:
-            self._open_spool(Path(config.online_store_path), write=spool)
-
-    def _open_spool(self, path: Path, write: bool) -> None:
-        """Reload the spool into the online store (newest keys first, up to its capacity), then append to it."""
-        identity = projection_id(self.datastore.projection)
-        if self.online is not None:
-            capacity = self.online.capacity
-            spooled = read_spool(path, identity, max_rows=capacity)
-            newest = slice(max(len(spooled.keys) - capacity, 0), None)
-            keys, values = spooled.keys[newest], spooled.values(self.datastore.n_next)[newest]
-            self.online.add_complete(torch.from_numpy(keys), values)
-            self.stats.reloaded_keys = len(keys)
-            self.stats.online_keys = len(self.online)
-        if write:
-            self.spool = SpoolWriter(
-                path,
-                identity,
-                self.datastore.manifest.pca_dim,
-                self.config.online_store_spool_bytes,
-                device=self.datastore.index.device,
-            )
-
-    def token_cost(self, batch: int) -> float:
-        """Share of a step that one more verified token per request costs, at this batch size."""
-        return self.price(batch)
+            path, size = Path(config.online_store_path), config.online_store_spool_bytes
+            self.spool, self.stats.reloaded_keys = open_spool(path, datastore, self.online, size, write=spool)
+            self.stats.online_keys = len(self.online) if self.online is not None else 0
 
     def price_table(self) -> dict[int, float]:
         """The price of a draft token at batch sizes 1, 2, 4, ... up to ``max_num_seqs`` (for stats and reports)."""
@@ -223,110 +146,96 @@ class Drafter:
         counts = np.fromiter(map(len, sampled_token_ids), np.int64, batch)
         if verified.shape[0] != counts.sum():
             raise RuntimeError(f"captured {verified.shape[0]} verified states for {int(counts.sum())} sampled tokens")
-        rows = self.rows(req_ids)
-        self._learn(rows, counts, now)
-        # -1 never matches a stored token: partial prefills (no token sampled) get no draft.
-        last_tokens = np.fromiter((t[-1] if t else -1 for t in sampled_token_ids), np.int64, batch)
+        b = StepBatch(req_ids, sampled_token_ids, num_tokens, token_ids, counts, self.rows(req_ids))
+        self.feedback.learn(b.rows, counts, now, arrived=len(self.rows.arrived))
+        self.stats.price_steps = self.price.steps
+        width, threshold = self._budget(batch, max_len)
+        dense_width = min(width, self.datastore.n_next)
+        found = self._search(b, verified, search=dense_width > 0)
+        sources: list[Chains] = []
+        if found is not None and dense_width > 0:
+            sources.append(self._dense(b, found, dense_width, width))
+        if found is not None:
+            self._remember(b, found)
+        if self.context is not None:
+            sources.append(self._context(b, width))
+        if not sources or width <= 0:
+            return [[] for _ in range(batch)]
+        start = time.perf_counter()
+        kinds, tokens, cells, lengths = price_chains(self.scorer, sources, max_len, threshold, self.length_control)
+        self.feedback.record(b.rows, cells, lengths)
+        drafts = self._emit(kinds, tokens, lengths)
+        self.stats.score_s += time.perf_counter() - start
+        return drafts
+
+    def _budget(self, batch: int, max_len: np.ndarray) -> tuple[int, float]:
+        """This step's draft width, and the reach a draft position must keep to pay for its verification.
+
+        The width is 0 (a stand-down) where no position could reach that threshold.
+        """
         width = int(max_len.max(initial=0))
-        self.stats.token_price = self.token_cost(batch)
-        threshold = self.stats.token_price * self.tokens_per_step if self.length_control else 0.0
+        self.stats.token_price = self.price(batch)  # the share of a step one more token per request costs
+        threshold = self.stats.token_price * self.feedback.tokens_per_step if self.length_control else 0.0
         if width > 0 and threshold > self.scorer.best():
             # No position can reach the threshold `cut` keeps at: skip the searches, keep the stores and trees current.
             width = 0
             self.stats.stood_down += 1
-        sources: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (source, tokens, cumulative, bucket)
+        return width, threshold
+
+    def _search(self, b: StepBatch, verified: torch.Tensor, search: bool) -> Found | None:
+        """Projection, both searches (unless not ``search``) and one copy back; None without verified states.
+
+        The online store's pending values take this step's tokens first; its keys are assigned even when
+        nothing is searched.
+        """
         if self.online is not None:
-            self.online.fill(req_ids, token_ids, num_tokens)
-        dense_width = min(width, self.datastore.n_next)
-        # Projection, both searches and one copy back; the online store's keys even when nothing is searched.
-        found = (
-            self.retriever.search(verified, np.cumsum(counts) - 1, self.online, dense_width > 0)
-            if verified.shape[0]
-            else None
-        )
-        if found is not None and dense_width > 0:
-            dense = self.retriever.candidates(found, last_tokens, dense_width)
-            tokens = np.full((batch, width), -1, dtype=np.int64)
-            support = np.zeros((batch, width), dtype=np.float32)
-            own = dense.lengths(0.0 if self.length_control else self.retriever.min_support)
-            if self.retriever.merge == "top1" and not self.length_control:
-                own = np.where(dense.survivors > 0, dense_width, 0)
-            keep = np.arange(dense_width) < own[:, None]
-            tokens[:, :dense_width] = np.where(keep, dense.tokens, -1)
-            support[:, :dense_width] = np.where(keep, dense.support, 0.0)
-            sources.append((DENSE, tokens, support, np.searchsorted(DENSE_BUCKETS, dense.survivors, "right")))
-        # The position of the token each verified state produced.
-        positions = np.repeat(num_tokens[:batch] - counts, counts) + _ranks(counts)
-        if self.online is not None and found is not None:
-            owners = np.repeat(np.asarray(req_ids, dtype=object), counts)
+            self.online.fill(b.req_ids, b.token_ids, b.num_tokens)
+        if not verified.shape[0]:
+            return None
+        return self.retriever.search(verified, np.cumsum(b.counts) - 1, self.online, search)
+
+    def _dense(self, b: StepBatch, found: Found, dense_width: int, width: int) -> Chains:
+        """The dense source's chain per request: the merged survivors' path, as long as its length policy keeps."""
+        batch = len(b.sampled)
+        # -1 never matches a stored token: partial prefills (no token sampled) get no draft.
+        last_tokens = np.fromiter((t[-1] if t else -1 for t in b.sampled), np.int64, batch)
+        dense = self.retriever.candidates(found, last_tokens, dense_width)
+        keep = np.arange(dense_width) < self.retriever.chain_lengths(dense, self.length_control)[:, None]
+        tokens = np.full((batch, width), -1, dtype=np.int64)
+        support = np.zeros((batch, width), dtype=np.float32)
+        tokens[:, :dense_width] = np.where(keep, dense.tokens, -1)
+        support[:, :dense_width] = np.where(keep, dense.support, 0.0)
+        return Chains(DENSE, tokens, support, np.searchsorted(DENSE_BUCKETS, dense.survivors, "right"))
+
+    def _remember(self, b: StepBatch, found: Found) -> None:
+        """This step's verified states join the online store and the spool, each with its token's position."""
+        counts = b.counts
+        positions = np.repeat(b.num_tokens[: len(b.req_ids)] - counts, counts) + _ranks(counts)
+        if self.online is not None:
+            owners = np.repeat(np.asarray(b.req_ids, dtype=object), counts)
             self.online.add(found.keys, list(owners), positions, found.lists)
             self.stats.online_keys = len(self.online)
-        if self.spool is not None and found is not None:
-            sampled = np.fromiter(itertools.chain.from_iterable(sampled_token_ids), np.int32, len(found.keys))
-            self.spool.append(found.keys, sampled, positions, np.repeat(self.rows.tags[rows], counts))
+        if self.spool is not None:
+            sampled = np.fromiter(itertools.chain.from_iterable(b.sampled), np.int32, len(found.keys))
+            self.spool.append(found.keys, sampled, positions, np.repeat(self.rows.tags[b.rows], counts))
             self.stats.spooled_keys += len(sampled)
-        if self.context is not None:
-            start = time.perf_counter()
-            chains = self.context.candidates(req_ids, sampled_token_ids, num_tokens, token_ids, width)
-            self.stats.context_s += time.perf_counter() - start
-            bucket = np.searchsorted(CONTEXT_BUCKETS, chains.match_len, "right")
-            sources.append((CONTEXT, chains.tokens, chains.probs, bucket))
-        if not sources or width <= 0:
-            return [[] for _ in range(batch)]
 
-        # Every source's chains are scored in one pass: row s * batch + i is source s's chain of request i.
+    def _context(self, b: StepBatch, width: int) -> Chains:
+        """The context source's chain per request (its trees are kept current even at width 0)."""
+        assert self.context is not None
         start = time.perf_counter()
-        kinds = np.repeat([source for source, *_ in sources], batch)
-        tokens = np.concatenate([t for _, t, _, _ in sources])
-        cells = self.scorer.cells(
-            kinds,
-            conditional(np.concatenate([c for _, _, c, _ in sources])),
-            np.concatenate([b for *_, b in sources]),
-        )
-        present = tokens >= 0
-        reach = np.cumprod(np.where(present, self.scorer.probability(cells), 0.0), axis=1)
-        # A chain ends at its first missing token, whatever the threshold (a price of 0 keeps every reach).
-        caps = np.minimum(np.tile(max_len, len(sources)), np.logical_and.accumulate(present, axis=1).sum(axis=1))
-        lengths = np.minimum(cut(reach, threshold) if self.length_control else present.sum(axis=1), caps)
-        gains = gain(reach, lengths, threshold).reshape(len(sources), batch)
-        chosen = pick(gains) * batch + np.arange(batch) if len(sources) > 1 else np.arange(batch)
-        lengths, kinds = lengths[chosen], kinds[chosen]
-        if width > self._cells.shape[1]:
-            self._cells = np.zeros((self.rows.capacity, width), dtype=np.int64)
-        self._cells[rows, :width] = cells[chosen]
-        self._draft_len[rows] = lengths
+        chains = self.context.candidates(b.req_ids, b.sampled, b.num_tokens, b.token_ids, width)
+        self.stats.context_s += time.perf_counter() - start
+        return Chains(CONTEXT, chains.tokens, chains.probs, np.searchsorted(CONTEXT_BUCKETS, chains.match_len, "right"))
+
+    def _emit(self, kinds: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+        """The chosen chains cut to their lengths, counted by source."""
         dense = kinds == DENSE
         self.stats.picked_dense += int(np.count_nonzero(lengths[dense]))
         self.stats.dense_tokens += int(lengths[dense].sum())
         self.stats.picked_context += int(np.count_nonzero(lengths[~dense]))
         self.stats.context_tokens += int(lengths[~dense].sum())
-        drafts = [draft[:n] for draft, n in zip(tokens[chosen].tolist(), lengths.tolist(), strict=True)]
-        self.stats.score_s += time.perf_counter() - start
-        return drafts
-
-    def _learn(self, rows: np.ndarray, counts: np.ndarray, now: float | None) -> None:
-        """Feed back what vLLM accepted of each request's previous draft (its sampled tokens less one), and
-        the time of the engine step that verified those drafts."""
-        drafted = self._draft_len[rows]
-        done = counts > 0
-        fed = done & (drafted > 0)
-        self.scorer.update(self._cells[rows[fed]], drafted[fed], counts[fed] - 1)
-        self._draft_len[:] = 0  # a draft is verified in the next step, or (its request out of the batch) never
-        # The running mean of tokens per step, over the requests in batch order: the closed form of one
-        # update per request.
-        sampled = counts[done]
-        decay = 1.0 - TOKENS_PER_STEP_RATE
-        weights = TOKENS_PER_STEP_RATE * decay ** np.arange(len(sampled) - 1, -1, -1)
-        self.tokens_per_step = decay ** len(sampled) * self.tokens_per_step + float(weights @ sampled)
-        # This step's forward pass verified a token per request plus its draft; steps that also prefilled
-        # (a request new to the batch or in a partial prefill) say nothing of a draft token's price.
-        if now is not None:
-            last, self._last_start = self._last_start, now
-            prefill = len(self.rows.arrived) or not done.all() or np.any(self._sampled[rows] == 0)
-            if last is not None and not prefill and now - last < IDLE_S:
-                self.price.observe(len(rows), len(rows) + int(drafted.sum()), now - last)
-                self.stats.price_steps = self.price.steps
-        self._sampled[rows] = counts
+        return [draft[:n] for draft, n in zip(tokens.tolist(), lengths.tolist(), strict=True)]
 
     def close(self) -> None:
         """Write what the spool holds in memory and stop its writer (also done at interpreter exit)."""

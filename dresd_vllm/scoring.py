@@ -10,6 +10,8 @@ source per request.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 SOURCES = ("dense", "context")
@@ -83,14 +85,6 @@ class Scorer:
         reached = drafted & (depth <= accepted[:, None])  # the rejected token was tried too
         self.trials += np.bincount(cells[reached], minlength=self.trials.size)
         self.accepted += np.bincount(cells[drafted & (depth < accepted[:, None])], minlength=self.accepted.size)
-
-    def table(self) -> dict[str, list]:
-        """The calibration table as nested lists [source][bucket][depth][bin] (for reports)."""
-        shape = (len(SOURCES), BUCKETS, DEPTHS, BINS)
-        return dict(
-            probability=self.probability(np.arange(self.prior.size)).reshape(shape).round(4).tolist(),
-            trials=self.trials.reshape(shape).astype(int).tolist(),
-        )
 
 
 class TokenPrice:
@@ -172,3 +166,36 @@ def gain(reach: np.ndarray, lengths: np.ndarray, threshold: np.ndarray | float) 
 def pick(gains: np.ndarray) -> np.ndarray:
     """Source per request ``[B]`` from ``gains [S, B]``: the largest, ties to the first (dense)."""
     return gains.argmax(axis=0)
+
+
+class Chains(NamedTuple):
+    """One source's chain per request, before scoring."""
+
+    source: int  # DENSE or CONTEXT
+    tokens: np.ndarray  # int64 [B, W], -1 past the chain's end
+    feature: np.ndarray  # float32 [B, W]: the cumulative feature (dense support, context path frequency)
+    bucket: np.ndarray  # int64 [B]: the source's strength bucket (survivors, match length)
+
+
+def price_chains(
+    scorer: Scorer, sources: list[Chains], max_len: np.ndarray, threshold: float, length_control: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Score every source's chains in one pass, cut them at ``threshold`` and pick one per request.
+
+    Without ``length_control`` a chain keeps every token it has. Returns the chosen chains'
+    ``(source, tokens, cells, lengths)``, one row per request; no chain is longer than ``max_len``.
+    """
+    batch = len(sources[0].tokens)
+    # Row s * batch + i is source s's chain of request i.
+    kinds = np.repeat([c.source for c in sources], batch)
+    tokens = np.concatenate([c.tokens for c in sources])
+    features = conditional(np.concatenate([c.feature for c in sources]))
+    cells = scorer.cells(kinds, features, np.concatenate([c.bucket for c in sources]))
+    present = tokens >= 0
+    reach = np.cumprod(np.where(present, scorer.probability(cells), 0.0), axis=1)
+    # A chain ends at its first missing token, whatever the threshold (a price of 0 keeps every reach).
+    caps = np.minimum(np.tile(max_len, len(sources)), np.logical_and.accumulate(present, axis=1).sum(axis=1))
+    lengths = np.minimum(cut(reach, threshold) if length_control else present.sum(axis=1), caps)
+    gains = gain(reach, lengths, threshold).reshape(len(sources), batch)
+    chosen = pick(gains) * batch + np.arange(batch) if len(sources) > 1 else np.arange(batch)
+    return kinds[chosen], tokens[chosen], cells[chosen], lengths[chosen]

@@ -7,8 +7,9 @@ import torch
 from dresd_vllm.config import DresdConfig
 from dresd_vllm.context import ContextSource
 from dresd_vllm.datastore import Datastore
-from dresd_vllm.drafting import Drafter, RequestRows
+from dresd_vllm.drafting import Drafter
 from dresd_vllm.online_store import OnlineStore
+from dresd_vllm.request_rows import RequestRows
 from dresd_vllm.scoring import CONTEXT, DENSE, Scorer, TokenPrice, conditional, cut, gain, pick
 
 

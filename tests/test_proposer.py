@@ -159,7 +159,7 @@ def test_proposer_fault_leaves_outputs_unchanged(
         def fail(*args, **kwargs):
             raise OSError("injected: bad index read")
 
-        worker.model_runner.drafter.datastore.index.search = fail
+        worker.model_runner.drafter.datastore.index.search_tensors = fail  # the search the step runs
 
     llm.collective_rpc(break_index)
     assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == tokens(plain_outputs)

@@ -11,7 +11,8 @@ from dresd_vllm.datastore_writer import token_store_from_sequences, write_datast
 from dresd_vllm.manifest import Manifest
 from dresd_vllm.online_store import OnlineStore
 from dresd_vllm.projection import Projection
-from dresd_vllm.retriever import DenseCandidates, Retriever, RetrieverStats, trie_path
+from dresd_vllm.retriever import Retriever, RetrieverStats
+from dresd_vllm.trie_merge import DenseCandidates, trie_path
 
 H = 8
 N_NEXT = 4

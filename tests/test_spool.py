@@ -16,7 +16,8 @@ from build_tools.data import InputError
 from dresd_vllm.config import DresdConfig
 from dresd_vllm.datastore import Datastore
 from dresd_vllm.drafting import Drafter
-from dresd_vllm.spool import INFO, SpoolError, SpoolWriter, chunk_files, projection_id, read_spool
+from dresd_vllm.spool import INFO, SpoolError, chunk_files, projection_id, read_spool
+from dresd_vllm.spool_writer import SpoolWriter
 
 DIM, N_NEXT, EOS = 4, 3, 0
 
