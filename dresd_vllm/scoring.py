@@ -27,12 +27,9 @@ PRIOR_WEIGHT = 8.0
 
 # The prior of the token price: what one more verified draft token per request adds to a step's time, as a
 # share of the step: TOKEN_COST * batch ** TOKEN_COST_EXPONENT, at most 1. Fitted to this project's CPU
-# machine (vLLM's step): at batch 1, +50% for 10 draft tokens on the tiny model and +20% for 5.5 on
-# SmolLM2-135M (0.04 a token); through the server at concurrency 16 on SmolLM2, with the proposer of
-# commit 657dc05 (before this curve), +48% for 0.49 draft tokens per request (0.98: the step is
-# compute-bound, its time proportional to the tokens it verifies).
-# The GPU's is a guess for a step that stays memory-bound. :class:`TokenPrice` corrects both from the
-# step times it sees.
+# machine, where a step at batch 1 is memory-bound and at batch 16 compute-bound, its time proportional to
+# the tokens it verifies (the measurements: CHANGELOG.md). The GPU's is a guess for a step that stays
+# memory-bound. :class:`TokenPrice` corrects both from the step times it sees.
 TOKEN_COST = {"cpu": 0.04, "cuda": 0.004}
 TOKEN_COST_EXPONENT = {"cpu": 1.15, "cuda": 1.0}
 # The price fit forgets with this horizon, in steps of one batch-size bucket.
