@@ -77,8 +77,8 @@ class DrafterStats:
 class Drafter:
     """The whole drafting path of one DReSD proposer (see the module docstring).
 
-    ``max_num_seqs`` sizes the per-request arrays (vLLM's scheduler limit). ``spool`` lets this
-    drafter write the configured spool (one writer per engine: the output rank's drafter).
+    ``max_num_seqs`` sizes the per-request arrays (vLLM's scheduler limit). Only the output TP rank builds one
+    (the proposer returns earlier on the others), so a configured spool always gets a writer.
     """
 
     def __init__(
@@ -87,7 +87,6 @@ class Drafter:
         config: DresdConfig,
         device: torch.device | str = "cpu",
         max_num_seqs: int = 256,
-        spool: bool = True,
     ):
         self.config = config
         self.datastore = datastore
@@ -116,7 +115,7 @@ class Drafter:
         self.spool: SpoolWriter | None = None
         if config.online_store_path is not None:
             path, size = Path(config.online_store_path), config.online_store_spool_bytes
-            self.spool, self.stats.reloaded_keys = open_spool(path, datastore, self.online, size, write=spool)
+            self.spool, self.stats.reloaded_keys = open_spool(path, datastore, self.online, size)
             self.stats.online_keys = len(self.online) if self.online is not None else 0
 
     def price_table(self) -> dict[int, float]:

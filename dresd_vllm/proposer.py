@@ -58,7 +58,6 @@ class DresdProposer(GuardedProposer):
             self.config,
             device=self.datastore.index.device,
             max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
-            spool=output_rank(),
         )
         self.retriever = self.drafter.retriever
         # vLLM's batch-size schedule for num_speculative_tokens, applied here so no draft is made to be cut.
@@ -78,8 +77,8 @@ class DresdProposer(GuardedProposer):
         )  # fmt: skip
         if self.config.online_store_path is not None:
             logger.info(
-                "DReSD: online store spool %s: %d keys reloaded, %s", self.config.online_store_path,
-                self.drafter.stats.reloaded_keys, "appending" if self.drafter.spool else "read only (not rank 0)",
+                "DReSD: online store spool %s: %d keys reloaded, appending", self.config.online_store_path,
+                self.drafter.stats.reloaded_keys,
             )  # fmt: skip
 
     def capture_hidden_states(self, verified: torch.Tensor, req_ids: list[str]) -> None:

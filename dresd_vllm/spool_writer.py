@@ -47,10 +47,10 @@ QUEUE_CHUNKS = 8
 
 
 def open_spool(
-    directory: Path, datastore: Datastore, online: OnlineStore | None, max_bytes: int, write: bool
-) -> tuple[SpoolWriter | None, int]:
+    directory: Path, datastore: Datastore, online: OnlineStore | None, max_bytes: int
+) -> tuple[SpoolWriter, int]:
     """Reload the spool into ``online`` (its newest keys, up to the store's capacity), then a writer that
-    appends to it where ``write``. Returns the writer (or None) and the number of keys reloaded."""
+    appends to it. Returns the writer and the number of keys reloaded."""
     identity = projection_id(datastore.projection)
     reloaded = 0
     if online is not None:
@@ -59,8 +59,6 @@ def open_spool(
         keys, values = spooled.keys[newest], spooled.values(datastore.n_next)[newest]
         online.add_complete(torch.from_numpy(keys), values)
         reloaded = len(keys)
-    if not write:
-        return None, reloaded
     return SpoolWriter(
         directory, identity, datastore.manifest.pca_dim, max_bytes, device=datastore.index.device
     ), reloaded
