@@ -72,13 +72,18 @@ def per_step(
     )
 
 
+# `dresd_stats` entries that are a value now, not a count: the window reports their value at its end.
+GAUGES = ("online_keys", "token_price")
+
+
 def stats_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
     """The window's share of a proposer's cumulative `dresd_stats`: counters and seconds as deltas,
-    each `X_s` also as `X_ms_per_step`. Ratios of the cumulative dict are dropped, not subtracted."""
+    each `X_s` also as `X_ms_per_step`; gauges (:data:`GAUGES`, by prefix) as their last value. Ratios
+    of the cumulative dict are dropped, not subtracted."""
     if before is None or after is None:
         return None
     delta = {
-        key: after[key] - before.get(key, 0)
+        key: value if key.startswith(GAUGES) else value - before.get(key, 0)
         for key, value in after.items()
         if isinstance(value, int | float) and not key.endswith(("_per_step", "_share", "_per_request"))
     }

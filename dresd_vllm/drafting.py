@@ -58,7 +58,7 @@ class StepBatch:
 
 @dataclasses.dataclass
 class DrafterStats:
-    """Cumulative counters of a :class:`Drafter`."""
+    """Cumulative counters of a :class:`Drafter`, and two values now: ``online_keys`` and ``token_price``."""
 
     picked_dense: int = 0
     picked_context: int = 0
@@ -188,7 +188,7 @@ class Drafter:
         nothing is searched.
         """
         if self.online is not None:
-            self.online.fill(b.req_ids, b.token_ids, b.num_tokens)
+            self.online.fill(self.rows.codes[b.rows], b.token_ids, b.num_tokens)
         if not verified.shape[0]:
             return None
         return self.retriever.search(verified, np.cumsum(b.counts) - 1, self.online, search)
@@ -211,8 +211,7 @@ class Drafter:
         counts = b.counts
         positions = np.repeat(b.num_tokens[: len(b.req_ids)] - counts, counts) + _ranks(counts)
         if self.online is not None:
-            owners = np.repeat(np.asarray(b.req_ids, dtype=object), counts)
-            self.online.add(found.keys, list(owners), positions, found.lists)
+            self.online.add(found.keys, np.repeat(self.rows.codes[b.rows], counts), positions, found.lists)
             self.stats.online_keys = len(self.online)
         if self.spool is not None:
             sampled = np.fromiter(itertools.chain.from_iterable(b.sampled), np.int32, len(found.keys))

@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks.cli import main
 from benchmarks.compare import failures, judge
+from benchmarks.metrics import stats_delta
 from benchmarks.serve import arrival_times
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,6 +202,16 @@ def test_serve_measures_a_running_server_at_a_request_rate(tiny_model, bench_dat
     assert level["requests"] == 6 and level["request_rate"] == 20 and level["lossless"] is None
     # Served, tokens per step is estimated from the counters (output - accepted tokens): no step hook.
     assert level["drafts"] > 0 and level["tokens_per_step"] > 1
+
+
+def test_stats_window_subtracts_counters_and_keeps_gauges():
+    """The fitted token price and the online store's size are values now: a window reports them, not their change."""
+    before = {"steps": 10, "search_s": 1.0, "token_price": 0.04, "token_price_b1": 0.04, "online_keys": 500}
+    after = {"steps": 30, "search_s": 1.5, "token_price": 0.05, "token_price_b1": 0.05, "online_keys": 900}
+    window = stats_delta(before, after)
+    assert window is not None
+    assert window["steps"] == 20 and window["search_s"] == 0.5 and window["search_ms_per_step"] == 25.0
+    assert window["token_price"] == 0.05 and window["token_price_b1"] == 0.05 and window["online_keys"] == 900
 
 
 def test_poisson_arrivals_are_seeded_and_average_the_rate():
