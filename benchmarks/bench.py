@@ -8,11 +8,12 @@
   to the first ShareGPT prompts (the shipped `smollm2-chat-id` corpus, `build_tools.embedded.chat_corpus`),
   DReSD-OOD over ShareGPT's own first answers, REST over the ID answers;
 - **code**: HumanEval's 164 problems, with the code stores: DReSD-ID over the shipped stdlib ID corpus,
-  DReSD-OOD over the stdlib corpus's answers to the same instructions, REST over the ID answers.
+  DReSD-OOD over the stdlib corpus's answers to the same instructions, REST over the ID answers (the same
+  commands as `make demo`'s stores: finished ones there are copied, not built again).
 
 Steps, each written under `docs/benchmarks-public/` with the machine, the versions and its command:
 
-1. the datastores, under `build/bench/`, always first (a finished one is not built again);
+1. the datastores of the chosen datasets, under `build/bench/`, first (a finished one is not built again);
 2. `replay`: greedy, k=10, 128 tokens, every prompt: ngram (PLD), suffix, REST, pure DReSD-ID/-OOD
    and the full proposer, with the multi-draft bound (`--best-of`): acceptance rate, accepted length
    and tokens per step over all steps, which equal the engine's;
@@ -20,11 +21,12 @@ Steps, each written under `docs/benchmarks-public/` with the machine, the versio
    interleaved, median with its spread;
 4. `nucleus`: the paper's sampled setting (temperature 0.7, top-p 0.95) for vanilla, suffix, REST and
    DReSD: acceptance and speed;
-5. `distribution`: sampled outputs follow the target's distribution: token frequencies over many seeds
-   of DReSD against plain sampling, beside plain sampling against itself (other seeds).
+5. `distribution`: do DReSD's sampled outputs follow the target's distribution? A permutation test of
+   token frequencies over many seeds against plain sampling, pass or fail, beside plain sampling against
+   itself (other seeds) and two samplers wrong on purpose (what the test can detect).
 
-`summary.md` joins them into one table per setting. Tuning never used MT-Bench, HumanEval or the
-reserved ShareGPT conversations (`sharegpt:eval`).
+`summary.md` joins them: per setting, a greedy and a sampled table and the distribution verdicts.
+Tuning never used MT-Bench, HumanEval or the reserved ShareGPT conversations (`sharegpt:eval`).
 """
 
 import argparse
@@ -34,11 +36,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from benchmarks import demo
 from dresd_assets import DEFAULT_DATASET, DEFAULT_ID_CORPUS, check_default_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,14 +54,17 @@ CURVE_ROWS = (500, 1000, 2000, 4000, 8000)
 K, MAX_TOKENS = 10, 128
 # Store sizes: the chat ID rows are the curve's choice (docs/benchmarks-public.md: 500 to 1,000 prompts
 # gained 3% tokens per step; each doubling costs twice the build); ShareGPT answers are
-# long, so the OOD store cuts its sequences at 512 tokens; the code stores take the first 400 rows of the
-# shipped stdlib ID corpus (600 moved DReSD's tokens per step by 2-3% in `make demo`, for half again the build).
+# long, so the OOD store cuts its sequences at 512 tokens. The code stores are `make demo`'s, by the same commands
+# (its rows and PCA sample: the first 400 rows of the stdlib corpora), so a store one built serves the other.
 CHAT_ID_ROWS = 1000
 CHAT_OOD_ROWS = 400
-CODE_ROWS = 400
-PCA_SAMPLE = 20_000  # states the projection is fitted on (the build's default, 100k, takes many minutes here)
+CODE_ROWS = demo.STORE_PROMPTS
+PCA_SAMPLE = 20_000  # chat: states the projection is fitted on (the build's default, 100k, takes many minutes here)
 COMPARE_PROMPTS, REPEATS = 16, 3
-NUCLEUS = ("--temperature", "0.7", "--top-p", "0.95")
+NUCLEUS_SETTING = (0.7, 0.95)  # the paper's sampled setting: temperature, top-p
+NUCLEUS = ("--temperature", str(NUCLEUS_SETTING[0]), "--top-p", str(NUCLEUS_SETTING[1]))
+# The distribution check: label permutations per test, and its level (shared out over the prompts).
+PERMUTATIONS, ALPHA = 2000, 0.01
 SETTINGS = {"mt-bench": ("chat", 80), "humaneval": ("code", 164)}
 
 
@@ -98,32 +105,51 @@ def stores(work: Path, chat_id_rows: int, settings: set[str]) -> dict[str, dict[
             "REST": work / f"code-rest-id-{CODE_ROWS}.npz",
         },
     }
-    common = ("--pca-sample", str(PCA_SAMPLE), "--engine-args", ENGINE_ARGS)
-    sources = {
-        "chat": {"ID": (str(chat_id), "output", chat_id_rows, ()), "OOD": ("sharegpt", "response", CHAT_OOD_ROWS,
-                 ("--max-length", "512"))},
-        "code": {"ID": (DEFAULT_ID_CORPUS, "output", CODE_ROWS, ()), "OOD": (DEFAULT_DATASET.train, "response",
-                 CODE_ROWS, ())},
+    chat, code = ("--pca-sample", str(PCA_SAMPLE)), ("--pca-sample", str(demo.PCA_SAMPLE))
+    sources: dict[str, dict[str, tuple[str, str, int, tuple[str, ...]]]] = {
+        "chat": {"ID": (str(chat_id), "output", chat_id_rows, chat), "OOD": ("sharegpt", "response", CHAT_OOD_ROWS,
+                 (*chat, "--max-length", "512"))},
+        "code": {"ID": (DEFAULT_ID_CORPUS, "output", CODE_ROWS, code), "OOD": (DEFAULT_DATASET.train, "response",
+                 CODE_ROWS, code)},
     }  # fmt: skip
     built = {setting: paths for setting, paths in built.items() if setting in settings}
+    work.mkdir(parents=True, exist_ok=True)
+    if "code" in built:
+        _copy_demo_stores(built["code"])
     jobs = []
     for setting, paths in built.items():
         for name in ("ID", "OOD"):
             dataset, key, rows, extra = sources[setting][name]
             if not (paths[name] / "manifest.json").is_file():
                 args = ["build_tools.cli", "datastore", "--dataset", dataset, "--response-key", key, "--limit",
-                        str(rows), *extra, *common, "--out", str(paths[name])]  # fmt: skip
+                        str(rows), *extra, "--engine-args", ENGINE_ARGS, "--out", str(paths[name])]  # fmt: skip
                 jobs.append((args, paths[name].with_suffix(".log")))
         if not paths["REST"].is_file():
             dataset, key, rows, _ = sources[setting]["ID"]
             args = ["build_tools.cli", "rest", "--dataset", dataset, "--response-key", key, "--prompt-key",
                     "instruction", "--limit", str(rows), "--out", str(paths["REST"])]  # fmt: skip
             jobs.append((args, paths["REST"].with_suffix(".log")))
-    work.mkdir(parents=True, exist_ok=True)
     # Two at a time: vLLM's CPU engine runs on one core, the machine has two.
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda job: _run(*job), jobs))
     return {s: {n: str(p) for n, p in paths.items()} for s, paths in built.items()}
+
+
+def _copy_demo_stores(paths: dict[str, Path]) -> None:
+    """`make demo`'s finished stores, copied where the code stores are missing: the same commands build both."""
+    for name, source in (("ID", "dresd-id"), ("OOD", "dresd-ood"), ("REST", "rest-id.npz")):
+        target, found = paths[name], demo.BUILD / source
+        done = (found / "manifest.json").is_file() if found.suffix != ".npz" else found.is_file()
+        if target.exists() or not done:
+            continue
+        print(f"{target}: copied from {found} (make demo's, built by the same command)", flush=True)
+        partial = target.with_name(target.name + ".copying")
+        shutil.rmtree(partial, ignore_errors=True)
+        if found.is_dir():
+            shutil.copytree(found, partial)
+        else:
+            shutil.copyfile(found, partial)
+        partial.rename(target)  # a half-copied store never looks finished
 
 
 def _method_args(paths: dict[str, str]) -> list[str]:
@@ -155,57 +181,134 @@ def compare(dataset: str, paths: dict[str, str], out: Path, prompts: int, repeat
           "--out", str(out / f"{'nucleus' if nucleus else 'compare'}-{dataset}")])  # fmt: skip
 
 
-def distribution(paths: dict[str, str], out: Path, samples: int = 256, tokens: int = 16) -> dict[str, Any]:
-    """Token frequencies of sampled outputs, over `samples` seeds per prompt: DReSD's against plain sampling's.
+def permutation_test(a: np.ndarray, b: np.ndarray, permutations: int, seed: int = 0) -> tuple[float, float]:
+    """Are the samples `a` and `b` (rows: samples, columns: positions) drawn from one distribution?
 
-    For each generated position, the total variation distance between the two methods' token frequencies;
-    the same distance between plain sampling and itself on other seeds is the noise floor. Rejection
-    sampling keeps the target distribution, so DReSD's distance should sit at the floor.
+    The statistic is the total variation distance between the two sets' token frequencies, averaged over
+    positions; its p-value is the share of random splits of the pooled samples (whole samples keep their
+    tokens together) at least as far apart, so a sampler that drifts from the target at any position fails.
+    Returns (statistic, p-value).
+    """
+    pooled = np.concatenate([a, b])
+    positions = pooled.shape[1]
+    # Per position, tokens as dense ids, shifted so that one bincount counts every position at once.
+    ids = np.stack([np.unique(pooled[:, q], return_inverse=True)[1] for q in range(positions)], axis=1)
+    ids = ids + np.concatenate([[0], np.cumsum(ids.max(axis=0) + 1)[:-1]])
+    size = int(ids.max()) + 1
+
+    def statistic(first: np.ndarray) -> float:
+        freq_a = np.bincount(ids[first].ravel(), minlength=size) / first.sum()
+        freq_b = np.bincount(ids[~first].ravel(), minlength=size) / (~first).sum()
+        return float(0.5 * np.abs(freq_a - freq_b).sum() / positions)
+
+    labels = np.arange(len(pooled)) < len(a)
+    observed = statistic(labels)
+    rng = np.random.default_rng(seed)
+    as_far = sum(statistic(rng.permutation(labels)) >= observed for _ in range(permutations))
+    return observed, (1 + as_far) / (1 + permutations)
+
+
+def distribution(
+    dataset: str, paths: dict[str, str], out: Path, prompts: int = 2, samples: int = 256, tokens: int = 16
+) -> dict[str, Any]:
+    """Do DReSD's sampled outputs follow the target's distribution? A permutation test per prompt.
+
+    For each of the first `prompts` prompts of `dataset`, `samples` outputs of `tokens` tokens (temperature 0.7,
+    top-p 0.95, one seed each, no seed shared between sets) from plain sampling and from DReSD-ID+context
+    are compared by `permutation_test`. Rejection sampling keeps the target distribution, so DReSD passes
+    when no prompt's p-value is below ALPHA / prompts (Bonferroni). Beside it, with the same test: plain
+    sampling against itself on other seeds (it should pass), and two samplers that are wrong on purpose,
+    temperature 1.0 and no top-p (what the test can detect at this sample size).
     """
     from vllm import LLM, SamplingParams
 
+    from benchmarks.metrics import acceptance, spec_counters
     from benchmarks.report import write_report
     from build_tools.data import Template, load_rows
     from build_tools.engine import close_llm
+    from dresd_vllm.manifest import MANIFEST, Manifest
 
     model = check_default_model()
-    rows = load_rows("mt-bench", limit=2)
-    llm_args = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
-    runs: dict[str, list[list[list[int]]]] = {}
+    rows = load_rows(dataset, limit=prompts)
+    llm_args = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+                    disable_log_stats=False)  # fmt: skip
     dresd = {"method": "dresd", "datastore": paths["ID"], "num_speculative_tokens": K}
-    for name, spec, first_seed in (("plain", None, 0), ("plain, other seeds", None, samples), ("dresd-ID", dresd, 0)):
+    store = Manifest.from_json((Path(paths["ID"]) / MANIFEST).read_text())
+    # name: (speculative config, first seed, temperature, top_p); every set has seeds of its own.
+    sets: dict[str, tuple[dict[str, Any] | None, int, float, float]] = {
+        "plain": (None, 0, *NUCLEUS_SETTING),
+        "plain, other seeds": (None, samples, *NUCLEUS_SETTING),
+        "plain at temperature 1.0 (wrong on purpose)": (None, 3 * samples, 1.0, NUCLEUS_SETTING[1]),
+        "plain without top-p (wrong on purpose)": (None, 4 * samples, NUCLEUS_SETTING[0], 1.0),
+        "dresd-ID+context": (dresd, 2 * samples, *NUCLEUS_SETTING),
+    }
+    outputs: dict[str, list[np.ndarray]] = {}
+    drafted: dict[str, Any] = {}
+    for spec in (None, dresd):
         llm = LLM(**llm_args, speculative_config=spec)
-        template = Template("chat", llm.get_tokenizer())
-        prompts = [{"prompt_token_ids": ids} for ids in template.encode_prompts([r["instruction"] for r in rows])]
-        outs = []
-        for p in prompts:
+        template = Template(store.template, llm.get_tokenizer())  # as the store embedded its prompts
+        encoded = [{"prompt_token_ids": ids} for ids in template.encode_prompts([r["instruction"] for r in rows])]
+        before = spec_counters(llm.get_metrics())
+        for name, (config, first_seed, temperature, top_p) in sets.items():
+            if config is not spec:
+                continue
             params = [
-                SamplingParams(temperature=0.7, top_p=0.95, max_tokens=tokens, seed=first_seed + s, ignore_eos=True)
+                SamplingParams(temperature=temperature, top_p=top_p, max_tokens=tokens, seed=first_seed + s,
+                               ignore_eos=True)
                 for s in range(samples)
+            ]  # fmt: skip
+            outputs[name] = [
+                np.array([o.outputs[0].token_ids for o in llm.generate([p] * samples, params, use_tqdm=False)])
+                for p in encoded
             ]
-            outs.append([list(o.outputs[0].token_ids) for o in llm.generate([p] * samples, params, use_tqdm=False)])
-        runs[name] = outs
+        if spec is not None:  # the check means something only where drafts were verified and accepted
+            drafted = acceptance(before, spec_counters(llm.get_metrics()))
         close_llm(llm)
 
-    def tv(a: list[list[int]], b: list[list[int]], pos: int) -> float:
-        ca, cb = Counter(s[pos] for s in a), Counter(s[pos] for s in b)
-        return 0.5 * sum(abs(ca[t] / len(a) - cb[t] / len(b)) for t in ca.keys() | cb.keys())
-
-    result: dict[str, Any] = dict(samples=samples, tokens=tokens, temperature=0.7, top_p=0.95, prompts=[])
-    for i, row in enumerate(rows):
-        floor = [tv(runs["plain"][i], runs["plain, other seeds"][i], q) for q in range(tokens)]
-        dresd_tv = [tv(runs["plain"][i], runs["dresd-ID"][i], q) for q in range(tokens)]
-        result["prompts"].append(
-            dict(
-                question_id=row["question_id"],
-                tv_plain_vs_plain=floor,
-                tv_plain_vs_dresd=dresd_tv,
-                mean_floor=sum(floor) / tokens,
-                mean_dresd=sum(dresd_tv) / tokens,
-            )
-        )
-    write_report(out, "distribution.json", result)
+    per_prompt: list[dict[str, Any]] = []
+    for i in range(len(rows)):
+        tests = {}
+        for name in sets:
+            if name != "plain":
+                tv, p = permutation_test(outputs["plain"][i], outputs[name][i], PERMUTATIONS)
+                tests[name] = dict(mean_tv=tv, p_value=p)
+        per_prompt.append(dict(prompt=i, against_plain=tests))
+    threshold = ALPHA / len(rows)
+    verdicts = {
+        name: "pass" if all(p["against_plain"][name]["p_value"] >= threshold for p in per_prompt) else "fail"
+        for name in sets
+        if name != "plain"
+    }
+    result: dict[str, Any] = dict(
+        dataset=dataset, prompts=len(rows), samples=samples, tokens=tokens, temperature=NUCLEUS_SETTING[0],
+        top_p=NUCLEUS_SETTING[1], permutations=PERMUTATIONS, alpha=ALPHA, threshold=threshold,
+        dresd_acceptance={k: v for k, v in drafted.items() if k != "acceptance_by_position"},
+        verdicts=verdicts, per_prompt=per_prompt,
+    )  # fmt: skip
+    write_report(out, f"distribution-{dataset}.json", result)
+    (out / f"distribution-{dataset}.md").write_text(distribution_table(result))
     return result
+
+
+def distribution_table(result: dict[str, Any]) -> str:
+    """The distribution check as Markdown: per sampler, its mean TV and p-value per prompt, and the verdict."""
+    prompts = [f"prompt {p['prompt']}: mean TV (p)" for p in result["per_prompt"]]
+    headers = ["against plain sampling", *prompts, "verdict"]
+    lines = ["| " + " | ".join(headers) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
+    for name, verdict in result["verdicts"].items():
+        cells = [f"{p['against_plain'][name]['mean_tv']:.3f} ({p['against_plain'][name]['p_value']:.4f})"
+                 for p in result["per_prompt"]]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
+    drafted = result["dresd_acceptance"]
+    return "\n".join([
+        f"{result['samples']} samples of {result['tokens']} tokens per prompt and sampler, temperature "
+        f"{result['temperature']}, top-p {result['top_p']}; permutation test over {result['permutations']} "
+        f"splits; fail where a prompt's p < {result['alpha']} / {result['prompts']} = {result['threshold']:.4f}.",
+        f"DReSD-ID+context drafted {drafted.get('draft_tokens', 0)} tokens in {drafted.get('drafts', 0)} drafts, "
+        f"{drafted.get('accepted_tokens', 0)} accepted.",
+        "",
+        *lines,
+    ]) + "\n"  # fmt: skip
 
 
 def curve(rows: list[int], chat_id: Path, work: Path, out: Path) -> list[dict[str, Any]]:
@@ -266,45 +369,63 @@ def _cell(value: Any, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def summary(out: Path) -> str:
-    """The paper's table per setting, from the replay and compare reports found in `out`."""
-    lines = [f"# make bench: SmolLM2-135M-Instruct, greedy, k={K}, {MAX_TOKENS} tokens", ""]
+def _report(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _table(replayed: dict[str, dict[str, Any]], compared: dict[str, dict[str, Any]]) -> list[str]:
+    """One setting's rows: replay's figures where there are some (else compare's), compare's speed."""
     headers = ["method", "tokens/step", "accept rate", "accept len", "best-of bound", "tok/s (spread)", "speedup"]
-    for dataset, (setting, prompts) in SETTINGS.items():
-        replayed, compared = _methods(out / f"replay-{dataset}.json"), _methods(out / f"compare-{dataset}/compare.json")
-        if not replayed and not compared:
+    lines = ["| " + " | ".join(headers) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
+    for name in dict.fromkeys([*compared, *replayed]):
+        if name.endswith("best-of-survivors"):
             continue
-        lines += [f"## {dataset} ({prompts} prompts, {setting} stores)", ""]
-        lines += ["| " + " | ".join(headers) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
-        for name in dict.fromkeys([*compared, *replayed]):
-            r, c = replayed.get(name, {}), compared.get(name, {})
-            if name == "vanilla":
-                r = {"tokens_per_step": 1.0}
-            bound = replayed.get(f"{name} best-of-survivors", {}).get("tokens_per_step")
-            if name.endswith("best-of-survivors"):
+        r, c = replayed.get(name, {}), compared.get(name, {})
+        if name == "vanilla":
+            r = {"tokens_per_step": 1.0}
+        spread = c.get("spread", {}).get("tokens_per_s") if c.get("repeats") != 1 else None  # one round: no spread
+        speed = _cell(c.get("tokens_per_s"), ".1f") + (f" ({spread[0]:.1f}-{spread[1]:.1f})" if spread else "")
+        cells = [
+            name,
+            _cell(r.get("tokens_per_step", c.get("tokens_per_step"))),
+            _cell(r.get("acceptance_rate", c.get("acceptance_rate")), ".1%"),
+            _cell(r.get("mean_acceptance_length", c.get("mean_acceptance_length"))),
+            _cell(replayed.get(f"{name} best-of-survivors", {}).get("tokens_per_step")),
+            speed if c else "-",
+            _cell(c.get("speedup"), ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(out: Path) -> str:
+    """The reports found in `out` as one page: per setting, the greedy table (replay and compare) and the
+    sampled one (nucleus), then the distribution check."""
+    lines = [f"# make bench: SmolLM2-135M-Instruct, k={K}, {MAX_TOKENS} tokens", ""]
+    notes = []
+    for dataset, (setting, prompts) in SETTINGS.items():
+        replayed = _methods(out / f"replay-{dataset}.json")
+        for step, title in (("compare", "greedy"), ("nucleus", "temperature {}, top-p {}".format(*NUCLEUS_SETTING))):
+            report = _report(out / f"{step}-{dataset}" / "compare.json")
+            compared = {m["name"]: m for m in report.get("methods", [])}
+            if not compared and (step == "nucleus" or not replayed):
                 continue
-            spread = c.get("spread", {}).get("tokens_per_s")
-            speed = _cell(c.get("tokens_per_s"), ".1f") + (f" ({spread[0]:.1f}-{spread[1]:.1f})" if spread else "")
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        name,
-                        _cell(r.get("tokens_per_step", c.get("tokens_per_step"))),
-                        _cell(r.get("acceptance_rate", c.get("acceptance_rate")), ".1%"),
-                        _cell(r.get("mean_acceptance_length", c.get("mean_acceptance_length"))),
-                        _cell(bound),
-                        speed if c else "-",
-                        _cell(c.get("speedup"), ".2f"),
-                    ]
-                )
-                + " |"
-            )
-        lines.append("")
-    lines += [
-        "tokens/step, accept rate and accept len: replay over every prompt (draft_model: compare's engine counters);",
-        f"tok/s: `dresd-bench compare` on the first {COMPARE_PROMPTS} prompts, median of interleaved rounds (min-max).",
-    ]
+            timed = report.get("prompts", {}).get("prompts")
+            lines += [f"## {dataset}, {title} ({setting} stores)", ""]
+            if step == "compare" and replayed:
+                notes.append(f"{dataset}, greedy: tokens/step, accept rate, accept len and best-of bound by replay "
+                             f"over all {prompts} prompts (draft_model: compare's engine counters)")  # fmt: skip
+            if timed:
+                rounds = max((m.get("repeats", 1) for m in compared.values()), default=1)
+                notes.append(f"{dataset}, {title}: tok/s and speedup by `dresd-bench compare` on the first {timed} "
+                             f"prompts, median of {rounds} interleaved round(s) (min-max)"
+                             + ("; every figure of this table from it" if step == "nucleus" else ""))  # fmt: skip
+            lines += [*_table(replayed if step == "compare" else {}, compared), ""]
+        if (out / f"distribution-{dataset}.md").is_file():
+            lines += [f"## {dataset}: do sampled outputs follow the target's distribution?", "",
+                      (out / f"distribution-{dataset}.md").read_text()]  # fmt: skip
+    lines += [*(f"- {note}" for note in notes), "- tok/s depend on the machine's load: docs/benchmarks-public.md "
+              "says which were taken on a quiet machine"]  # fmt: skip
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
@@ -339,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engines start in seconds
     check_default_model()
     start = time.perf_counter()
-    needed = {SETTINGS[d][0] for d in datasets} | ({"chat"} if "distribution" in steps else set())
+    needed = {SETTINGS[d][0] for d in datasets}
     paths = stores(args.work, args.chat_id_rows, needed)  # a finished store is not built again
     for dataset in datasets:
         setting = paths[SETTINGS[dataset][0]]
@@ -349,8 +470,9 @@ def main(argv: list[str] | None = None) -> None:
             compare(dataset, setting, args.out, args.compare_prompts, args.repeats, nucleus=False)
         if "nucleus" in steps:
             compare(dataset, setting, args.out, args.compare_prompts, 1, nucleus=True)
-    if "distribution" in steps:
-        print(json.dumps(distribution(paths["chat"], args.out), indent=2))
+        if "distribution" in steps:
+            distribution(dataset, setting, args.out)
+            print((args.out / f"distribution-{dataset}.md").read_text())
     print(summary(args.out))
     print(f"make bench: {time.perf_counter() - start:.0f} s; reports in {args.out}")
 
