@@ -321,16 +321,21 @@ def index_stage(args: Namespace, shards: list[Path], work: Path, base: faiss.Ind
     return merged
 
 
+def _append_target(out: Path) -> Manifest:
+    """The manifest of the datastore at `out` that --append adds to; an InputError if there is none to read."""
+    if not (out / MANIFEST).is_file():
+        raise InputError(f"--append: {out} holds no datastore to append to (no {MANIFEST}); build it first")
+    try:
+        return Manifest.from_json((out / MANIFEST).read_text(), source=str(out / MANIFEST))
+    except DatastoreError as e:
+        raise InputError(f"--append: {e}") from e
+
+
 def _base_of(args: Namespace, out: Path, plan: dict[str, Any]) -> Manifest | None:
     """With --append, the manifest of the datastore at `out` after checking that the corpus fits it."""
     if not args.append:
         return None
-    if not (out / MANIFEST).is_file():
-        raise InputError(f"--append: {out} holds no datastore to append to (no {MANIFEST}); build it first")
-    try:
-        base = Manifest.from_json((out / MANIFEST).read_text(), source=str(out / MANIFEST))
-    except DatastoreError as e:
-        raise InputError(f"--append: {e}") from e
+    base = _append_target(out)
     ours = {**{k: plan[k] for k in MODEL_FIELDS}, "template": args.template, "n_next": args.n_next}
     ours["pca_dim"] = args.pca_dim
     for field, value in ours.items():
@@ -473,12 +478,7 @@ def append_spools(args: Namespace, tokenizer: Any) -> dict[str, Any]:
     out = Path(args.out)
     if not args.append:
         raise InputError("--spool folds served states into an existing datastore: give --append and its --out")
-    if not (out / MANIFEST).is_file():
-        raise InputError(f"--append: {out} holds no datastore to append to (no {MANIFEST}); build it first")
-    try:
-        base = Manifest.from_json((out / MANIFEST).read_text(), source=str(out / MANIFEST))
-    except DatastoreError as e:
-        raise InputError(f"--append: {e}") from e
+    base = _append_target(out)
     if base.tokenizer_fingerprint not in (None, fingerprint_of(tokenizer)):
         raise InputError(
             f"--append --spool: the tokenizer of --model {args.model!r} is not the one {out} was built with "

@@ -223,3 +223,6 @@ def test_dresd_build_folds_served_spools_into_a_datastore(tiny_model, own_datast
     no_append = ["datastore", "--model", tiny_model, "--out", str(out), "--spool", str(tmp_path / "a")]
     with pytest.raises(InputError, match="give --append"):
         run_datastore(parse_args(no_append))
+    nowhere = [*no_append[:4], str(tmp_path / "none"), "--append", "--spool", str(tmp_path / "a")]
+    with pytest.raises(InputError, match="holds no datastore to append to"):
+        run_datastore(parse_args(nowhere))
