@@ -14,7 +14,6 @@ oldest evicted first; a list that fills before the store does drops its own olde
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -95,11 +94,12 @@ class OnlineStore:
     def add(
         self,
         keys: torch.Tensor,
-        owners: Sequence[object],
+        owners: np.ndarray,
         positions: np.ndarray,
         lists: np.ndarray | None = None,
     ) -> None:
-        """Add ``keys [R, dim]``; row r belongs to request ``owners[r]`` and produced its token at ``positions[r]``.
+        """Add ``keys [R, dim]``; row r belongs to the request coded ``owners[r]`` (int64 [R], its
+        :attr:`~dresd_vllm.request_rows.RequestRows.codes`) and produced its token at ``positions[r]``.
 
         Values are left unknown (-1) until :meth:`fill` sees the request's tokens. ``lists`` are the
         keys' lists when the caller already copied :meth:`assign`'s result back (else one copy here).
@@ -108,11 +108,11 @@ class OnlineStore:
             return
         if lists is None:
             lists = self._copy([self.assign(keys)])[0]
-        codes = self._pending.codes(owners)
         slots, stamps, kept = self._place(np.asarray(lists, dtype=np.int64))
         self._write(keys, slots, stamps, kept)
         self.values[slots] = -1
-        self._pending.extend(slots, stamps, codes[kept], np.asarray(positions, dtype=np.int64)[kept])
+        owners, positions = (np.asarray(a, dtype=np.int64)[kept] for a in (owners, positions))
+        self._pending.extend(slots, stamps, owners, positions)
 
     def add_complete(self, keys: torch.Tensor, values: np.ndarray) -> None:
         """Add ``keys [R, dim]`` whose values ``int32 [R, n_next + 1]`` are known (a reloaded spool)."""
@@ -164,13 +164,14 @@ class OnlineStore:
         overwritten = int(np.count_nonzero(self.stamps[slots] >= floor))  # live keys a list ring wrote over
         self._size += len(stamps) - evicted - overwritten
 
-    def fill(self, req_ids: Sequence[object], token_ids: np.ndarray, num_tokens: np.ndarray) -> None:
+    def fill(self, codes: np.ndarray, token_ids: np.ndarray, num_tokens: np.ndarray) -> None:
         """Write the tokens now known into the values of the batch's pending keys.
 
-        ``token_ids[i, :num_tokens[i]]`` are request ``req_ids[i]``'s tokens. Requests that are no
-        longer in the batch have finished: their keys keep the values they have.
+        ``token_ids[i, :num_tokens[i]]`` are the tokens of the request coded ``codes[i]`` (int64 [B], as
+        given to :meth:`add`). Requests that are no longer in the batch have finished: their keys keep
+        the values they have.
         """
-        self._pending.fill(self.values, self.stamps, req_ids, token_ids, num_tokens)
+        self._pending.fill(self.values, self.stamps, codes, token_ids, num_tokens)
 
     def search_tensors(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` ``(scores float32 [B, k], slots int64 [B, k])`` on the store's device (-inf / -1 padded).

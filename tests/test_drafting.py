@@ -12,6 +12,8 @@ from dresd_vllm.online_store import OnlineStore
 from dresd_vllm.request_rows import RequestRows
 from dresd_vllm.scoring import CONTEXT, DENSE, Scorer, TokenPrice, conditional, cut, gain, pick
 
+A, B = 1, 2  # owner codes (RequestRows.codes) of requests "a" and "b"
+
 
 def unit(rows: list[list[float]]) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
@@ -21,14 +23,14 @@ def test_online_store_fills_values_as_tokens_arrive_and_searches_exactly():
     store = OnlineStore(dim=2, n_next=3, capacity=8)
     tokens = np.array([[10, 11, 12, 13, 14, 15, 16]])
     # Two verified positions of request "a": the states that produced tokens 2 and 3.
-    store.add(unit([[1, 0], [0, 1]]), ["a", "a"], np.array([2, 3]))
-    store.fill(["a"], tokens, np.array([4]))
+    store.add(unit([[1, 0], [0, 1]]), np.array([A, A]), np.array([2, 3]))
+    store.fill(np.array([A]), tokens, np.array([4]))
     scores, values = store.search(unit([[1, 0.1]]), k=3)
     assert values[0, 0].tolist() == [12, 13, -1, -1]  # what followed is known up to token 3
     assert values[0, 1].tolist() == [13, -1, -1, -1]
     assert scores[0, 0] > scores[0, 1] and scores[0, 2] == -np.inf and values[0, 2].tolist() == [-1] * 4
 
-    store.fill(["a"], tokens, np.array([7]))
+    store.fill(np.array([A]), tokens, np.array([7]))
     _, values = store.search(unit([[1, 0]]), k=1)
     assert values[0, 0].tolist() == [12, 13, 14, 15]
     assert not store._pending  # complete values leave the pending list
@@ -39,12 +41,12 @@ def test_online_store_evicts_oldest_first_and_finished_requests_keep_their_value
     tokens = np.arange(100).reshape(1, 100)
     for i in range(5):  # keys 0..4, each along its own direction
         angle = i * np.pi / 10
-        store.add(unit([[np.cos(angle), np.sin(angle)]]), ["a"], np.array([i]))
-        store.fill(["a"], tokens, np.array([i + 1]))
+        store.add(unit([[np.cos(angle), np.sin(angle)]]), np.array([A]), np.array([i]))
+        store.fill(np.array([A]), tokens, np.array([i + 1]))
     assert len(store) == 3 and store.added == 5
     _, values = store.search(unit([[1, 0]]), k=3)
     assert sorted(values[0, :, 0].tolist()) == [2, 3, 4]  # keys 0 and 1 were evicted
-    store.fill(["b"], tokens, np.array([1]))  # "a" left the batch: its open values stay as they are
+    store.fill(np.array([B]), tokens, np.array([1]))  # "a" left the batch: its open values stay as they are
     _, values = store.search(unit([[np.cos(0.4 * np.pi), np.sin(0.4 * np.pi)]]), k=1)
     assert values[0, 0].tolist() == [4, -1]
 
@@ -231,9 +233,13 @@ def test_request_rows_are_stable_freed_and_reused():
     first = rows(["a", "b", "c"])
     assert sorted(first.tolist()) == [0, 1, 2] and rows.arrived.tolist() == [0, 1, 2]
     assert rows(["a", "b", "c"]) is first and len(rows.arrived) == 0  # the same batch: one comparison
+    codes = rows.codes[first]
+    assert len(set(codes.tolist())) == 3
     again = rows(["c", "a", "d"])  # b left, d arrived, the order changed
     assert again[:2].tolist() == [first[2], first[0]] and rows.arrived.tolist() == [2]
     assert again[2] not in again[:2] and rows.tags[again[0]] == hash("c")
+    # Requests that stay keep their codes; d's is new, even where it took b's row.
+    assert rows.codes[again[:2]].tolist() == codes[[2, 0]].tolist() and rows.codes[again[2]] not in codes
     rows(["e", "f", "g", "h"])  # all four rows taken by new requests
     with pytest.raises(RuntimeError, match="5 requests is more than the 4 rows"):
         rows(["a", "b", "c", "d", "e"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dresd_vllm.online_store import OnlineStore, online_lists
+from dresd_vllm.request_rows import RequestRows
 
 DIM, N_NEXT = 16, 3
 
@@ -45,8 +46,10 @@ class Reference:
 
 
 def run_traffic(store: OnlineStore, reference: Reference, steps: int, rng: np.random.Generator) -> None:
-    """Requests that come and go, a few verified positions each per step."""
+    """Requests that come and go, a few verified positions each per step; the store knows them by the owner
+    codes of :class:`RequestRows` (a finished request's row goes to the next one), the reference by id."""
     active = {f"r{i}": 0 for i in range(4)}
+    request_rows = RequestRows(4)
     tokens = rng.integers(0, 50, size=(8, 400))
     next_id = 4
     for _ in range(steps):
@@ -59,14 +62,14 @@ def run_traffic(store: OnlineStore, reference: Reference, steps: int, rng: np.ra
         for r, c in zip(req_ids, counts, strict=True):
             active[r] += int(c)
         num_tokens = np.array([active[r] for r in req_ids])
-        rows = np.array([int(r[1:]) % 8 for r in req_ids])
-        store.fill(req_ids, tokens[rows], num_tokens)
+        rows = np.array([int(r[1:]) % 8 for r in req_ids])  # each request's tokens
+        codes = request_rows.codes[request_rows(req_ids)]
+        store.fill(codes, tokens[rows], num_tokens)
         reference.fill(req_ids, tokens[rows], num_tokens)
-        owners = np.repeat(req_ids, counts).tolist()
         positions = np.concatenate([np.arange(n - c, n) for n, c in zip(num_tokens, counts, strict=True)])
-        keys = unit_keys(len(owners), rng)
-        store.add(keys, owners, positions)
-        reference.add(keys, owners, positions)
+        keys = unit_keys(len(positions), rng)
+        store.add(keys, np.repeat(codes, counts), positions)
+        reference.add(keys, np.repeat(req_ids, counts).tolist(), positions)
 
 
 def test_one_list_is_the_exact_ring_and_fills_like_the_reference():
@@ -82,6 +85,19 @@ def test_one_list_is_the_exact_ring_and_fills_like_the_reference():
     np.testing.assert_allclose(scores, top.numpy(), atol=1e-6)
     expected = np.stack([[reference.values[live[j]] for j in row] for row in at.tolist()])
     np.testing.assert_array_equal(values, expected)
+
+
+def test_a_row_handed_to_a_new_request_does_not_fill_the_earlier_requests_keys():
+    request_rows, store = RequestRows(1), OnlineStore(DIM, N_NEXT, capacity=8)
+    key = unit_keys(1, np.random.default_rng(6))
+    a = request_rows(["a"])
+    store.add(key, request_rows.codes[a], np.array([2]))  # the state that produced a's token 2
+    store.fill(request_rows.codes[a], np.array([[10, 11, 12]]), np.array([3]))
+    b = request_rows(["b"])  # a finished; b gets its row, with tokens enough to fill a's key
+    assert b.tolist() == a.tolist() and len(store._pending) == 1
+    store.fill(request_rows.codes[b], np.array([[20, 21, 22, 23, 24, 25]]), np.array([6]))
+    _, values = store.search(key, k=1)
+    assert values[0, 0].tolist() == [12, -1, -1, -1] and not store._pending  # not b's 22, 23, 24, 25
 
 
 def test_lists_scan_a_fixed_share_and_find_what_a_full_scan_of_their_lists_finds():
@@ -117,10 +133,11 @@ def test_eviction_is_oldest_first_across_lists_and_a_full_list_drops_its_own_old
     home = store._weight[:, 0] / store._weight[:, 0].norm()  # a key that lands in list 0
     lists = store.assign(home[None].repeat(5, 1))
     assert lists.tolist() == [0] * 5
-    store.add(home[None].repeat(5, 1), ["a"] * 5, np.arange(5))  # five keys for a ring of four
+    store.add(home[None].repeat(5, 1), np.zeros(5, dtype=np.int64), np.arange(5))  # five keys for a ring of four
     assert len(store) == 4 and sorted(store.stamps[:4].tolist()) == [1, 2, 3, 4]  # key 0 dropped by its list
     other = store._weight[:, 1] / store._weight[:, 1].norm()
-    store.add(other[None].repeat(3, 1), ["a"] * 3, np.arange(5, 8))  # keys 5..7: keys 0 and 1 are past capacity
+    # Keys 5..7: keys 0 and 1 are past capacity.
+    store.add(other[None].repeat(3, 1), np.zeros(3, dtype=np.int64), np.arange(5, 8))
     live = sorted(store.stamps[store.stamps >= store.added - store.capacity].tolist())
     assert live == [2, 3, 4, 5, 6, 7] and len(store) == 6
     scores, slots = store.search_tensors(home[None], k=8)
@@ -135,7 +152,7 @@ def test_search_cost_is_fixed_whatever_the_fill():
     for _ in range(2):
         scores, slots = store.search_tensors(unit_keys(3, rng), k=50)
         shapes.append((scores.shape, slots.shape))
-        store.add(unit_keys(5000, rng), ["a"] * 5000, np.arange(5000))
+        store.add(unit_keys(5000, rng), np.zeros(5000, dtype=np.int64), np.arange(5000))
     assert shapes[0] == shapes[1] == ((3, 50), (3, 50))
 
 
@@ -157,8 +174,8 @@ def test_lists_given_by_the_caller_are_the_ones_assign_computes():
     a = OnlineStore(DIM, N_NEXT, capacity=100, coarse=coarse(8, rng))
     b = OnlineStore(DIM, N_NEXT, capacity=100, coarse=(a._weight, a._bias))
     keys = unit_keys(20, rng)
-    a.add(keys, ["x"] * 20, np.arange(20))
-    b.add(keys, ["x"] * 20, np.arange(20), lists=a.assign(keys).numpy())
+    a.add(keys, np.zeros(20, dtype=np.int64), np.arange(20))
+    b.add(keys, np.zeros(20, dtype=np.int64), np.arange(20), lists=a.assign(keys).numpy())
     np.testing.assert_array_equal(a.stamps, b.stamps)
     assert a._copy.copies == 1 and b._copy.copies == 0  # the caller's lists came back with its own copy
 

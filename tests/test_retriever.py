@@ -149,8 +149,8 @@ def test_search_copies_back_once_and_books_the_online_search_as_its_own_stage(da
     assert r._copy.copies == 1 and found.online_scores is None  # an empty store is not searched
     assert found.keys.shape == (3, H) and found.lists is not None and found.lists.tolist() == [0, 0, 0]
     assert found.scores.shape == found.ids.shape == (2, 4)
-    online.add(found.keys, ["a", "a", "b"], np.array([0, 1, 0]), found.lists)
-    online.fill(["a", "b"], np.array([[5, 1, 2, 3, 4, 9], [5, 1, 2, 0, 0, 0]]), np.array([6, 3]))
+    online.add(found.keys, np.array([0, 0, 1]), np.array([0, 1, 0]), found.lists)  # requests coded 0 and 1
+    online.fill(np.array([0, 1]), np.array([[5, 1, 2, 3, 4, 9], [5, 1, 2, 0, 0, 0]]), np.array([6, 3]))
     found = r.search(verified, np.array([0, 2]), online)
     assert r._copy.copies == 2 and r.stats.online_search_s > 0 and r.stats.search_s > 0
     assert found.online_values is not None and found.online_values.shape == (2, 4, N_NEXT + 1)
