@@ -118,7 +118,9 @@ def reload(datastore: Datastore, spool: Path, online_store_size: int) -> tuple[i
 def parser() -> argparse.ArgumentParser:
     """The command's argument parser."""
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.full_spool", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.full_spool",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--datastore", required=True, help="directory written by `dresd-build datastore`")
     p.add_argument("--keys", type=positive_int, required=True, help="states to spool, e.g. 100000 (a full store)")
