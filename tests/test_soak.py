@@ -17,6 +17,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -91,12 +92,18 @@ def _prompts() -> tuple[list[str], list[str]]:
     return prompts[:SOAK_REQUESTS], prompts[SOAK_REQUESTS:]
 
 
-def _complete(base_url: str, model: str, prompts: list[str], clients: int) -> list[dict]:
+def _complete(
+    base_url: str, model: str, prompts: list[str], clients: int, answered: Callable[[], None] | None = None
+) -> list[dict]:
+    """Greedy completions of `prompts` from `clients` concurrent clients; `answered` is called after each answer."""
+
     def one(prompt: str) -> dict:
         body = dict(model=model, prompt=prompt, max_tokens=SOAK_TOKENS, temperature=0.0)
         response = requests.post(f"{base_url}/v1/completions", json=body, timeout=120)
         response.raise_for_status()
         data = response.json()
+        if answered is not None:
+            answered()
         return dict(text=data["choices"][0]["text"], tokens=data["usage"]["completion_tokens"])
 
     with ThreadPoolExecutor(clients) as pool:
@@ -127,28 +134,23 @@ def _server_rss(base_url: str) -> dict[str, int]:
 
 
 class _Sampler:
-    """Samples the proposer's cumulative stats and the server's memory every `period` seconds.
+    """Samples the proposer's cumulative stats and the server's memory after every `every`-th answered request.
 
-    Often enough that a quiet machine, which serves the soak's full-store part in about two seconds,
-    still gives the ten samples the flatness checks split in halves.
+    Counted in requests, not seconds, so a fast machine takes as many samples as a slow one (a clock-driven
+    sampler took fewer than the flatness checks need on a quiet machine). Samples are taken one at a time,
+    in order, by the client thread whose answer completes the count.
     """
 
-    def __init__(self, base_url: str, period: float = 0.1):
-        self.base_url, self.period, self.samples = base_url, period, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self, base_url: str, every: int):
+        self.base_url, self.every, self.samples = base_url, every, []
+        self._answered = 0
+        self._lock = threading.Lock()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self.samples.append(dict(_stats(self.base_url), rss=_server_rss(self.base_url), t=time.monotonic()))
-
-    def __enter__(self) -> "_Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def __call__(self) -> None:
+        with self._lock:
+            self._answered += 1
+            if self._answered % self.every == 0:
+                self.samples.append(dict(_stats(self.base_url), rss=_server_rss(self.base_url)))
 
 
 def _tokens_per_step(base_url: str, model: str, prompts: list[str]) -> tuple[float, list[dict]]:
@@ -179,8 +181,8 @@ def test_online_store_soak_flat_lossless_and_restart(tiny_model, own_datastore, 
     )  # fmt: skip
     started = time.monotonic()
     with vllm_server(tiny_model, *flags, "--speculative-config", config, log=tmp_path / "first.log") as base_url:
-        with _Sampler(base_url) as sampler:
-            soak = _complete(base_url, tiny_model, mix, SOAK_CLIENTS)
+        sampler = _Sampler(base_url, every=SOAK_CLIENTS)  # 30 samples, all but the first one or two of a full store
+        soak = _complete(base_url, tiny_model, mix, SOAK_CLIENTS, answered=sampler)
         cold, first_answers = _tokens_per_step(base_url, tiny_model, repeated)
         first = _stats(base_url)
         deadline = time.monotonic() + 60  # the last partial chunk goes to disk once it has waited FLUSH_S
