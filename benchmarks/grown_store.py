@@ -13,7 +13,7 @@
    what an operator builds offline from the same prompts);
 4. report: `docs/benchmarks-public/grown-store.{json,md}`.
 
-    python -m benchmarks.grown_store                  # 500 prompts served: about 40 minutes on 2 CPU cores
+    python -m benchmarks.grown_store                  # 500 prompts served (~half an hour on 2 quiet cores)
     python -m benchmarks.grown_store --prompts 200    # a shorter run
 
 Needs the two stores (`python -m benchmarks.bench --curve 500,1000` builds them). A finished step is
@@ -108,7 +108,6 @@ def serve(work: Path, prompts: int, concurrency: int) -> dict[str, Any]:
     compared = [decode(out, skip_special_tokens=True) == generated[r] for r, out in pairs if r < len(generated)]
     return dict(
         prompts=dict(first=STORE_ROWS, rows=len(rows), served=len(kept), skipped_long=len(rows) - len(kept)),
-        concurrency=concurrency,
         speculative_config=config,
         server_start_s=started,
         same_text_as_generate=dict(compared=len(compared), equal=sum(compared)),
@@ -194,7 +193,7 @@ def report(out: Path, served: dict[str, Any], folded: dict[str, Any], replayed: 
         f"concurrency {served['concurrency']} ({served['output_tokens_per_s']:.1f} tok/s, "
         f"{served['tokens_per_step']:.2f} tokens/step served; server start {served['server_start_s']:.0f} s); "
         f"{same['equal']} of {same['compared']} answers the same text as generate's. "
-        f"Folded: {keys['grown'] - keys['500']:,} keys in {folded['seconds']:.1f} s.",
+        f"Folded: {keys['grown'] - keys['500']:,} keys, `dresd-build` start-up included {folded['seconds']:.0f} s.",
     ]
     table = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
