@@ -230,8 +230,10 @@ def distribution(
 
     model = check_default_model()
     rows = load_rows(dataset, limit=prompts)
+    # No partial prefill: after one, vLLM rewinds the seeded request's generator, which a CPU generator refuses.
     llm_args = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-                    disable_log_stats=False)  # fmt: skip
+                    disable_log_stats=False, enable_chunked_prefill=False, max_num_seqs=64,
+                    max_num_batched_tokens=8192)  # fmt: skip
     dresd = {"method": "dresd", "datastore": paths["ID"], "num_speculative_tokens": K}
     store = Manifest.from_json((Path(paths["ID"]) / MANIFEST).read_text())
     # name: (speculative config, first seed, temperature, top_p); every set has seeds of its own.
