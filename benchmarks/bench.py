@@ -226,7 +226,7 @@ def distribution(
     from benchmarks.report import write_report
     from build_tools.data import Template, load_rows
     from build_tools.engine import close_llm
-    from dresd_vllm.manifest import MANIFEST, Manifest
+    from dresd_vllm.store.manifest import MANIFEST, Manifest
 
     model = check_default_model()
     rows = load_rows(dataset, limit=prompts)
@@ -319,7 +319,7 @@ def curve(rows: list[int], chat_id: Path, work: Path, out: Path) -> list[dict[st
     Pure DReSD-ID, its multi-draft bound, the full proposer and REST over the same answers, by replay;
     every point shares one trajectory cache.
     """
-    from dresd_vllm.manifest import MANIFEST, Manifest
+    from dresd_vllm.store.manifest import MANIFEST, Manifest
 
     complete = chat_id.read_bytes().count(b"\n")
     run_dir = work / "replay-mt-bench"

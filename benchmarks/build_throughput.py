@@ -38,8 +38,8 @@ from build_tools.embed import EmbedWorker, load_tokenizer, model_info, unbatch
 from build_tools.index_shards import IndexWorker, index_task
 from build_tools.ray_jobs import run
 from dresd_assets import DEFAULT_DATASET, TINY_MODEL
-from dresd_vllm.index import empty_copy, merge_shard, new_index, train_index, train_rows
-from dresd_vllm.projection import Projection
+from dresd_vllm.index.build import empty_copy, merge_shard, new_index, train_index, train_rows
+from dresd_vllm.store.projection import Projection
 
 
 def random_projection(hidden_size: int, dim: int = 64, seed: int = 0) -> Projection:

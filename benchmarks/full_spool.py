@@ -5,7 +5,7 @@
 A server fills its online store (``online_store_size``, 100,000 keys by default) within hours, but a
 benchmark's engine starts empty and serves a few hundred tokens. This writes a spool of ``--keys``
 states taken from a datastore, in the format and through the writer a server uses
-(:mod:`dresd_vllm.spool`), so that an engine given ``"online_store_path": OUT`` reloads a full store at
+(:mod:`dresd_vllm.online.spool`), so that an engine given ``"online_store_path": OUT`` reloads a full store at
 start-up, e.g. ``dresd-bench compare ... --method-config 'dresd-FULL+context={"online_store_path": OUT}'``.
 
 The states are the datastore's own keys (decoded from its index: exact for Flat and SQfp16, approximate
@@ -32,15 +32,15 @@ import numpy as np
 import torch
 
 from build_tools.cli import positive_int
-from dresd_vllm.atomic import replace_dir, sibling
 from dresd_vllm.config import DresdConfig
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.drafting import Drafter
-from dresd_vllm.index import read_keys
-from dresd_vllm.manifest import DatastoreError
-from dresd_vllm.search import SearchOptions
-from dresd_vllm.spool import SUFFIX, chunk_files, projection_id
-from dresd_vllm.spool_writer import CHUNK_ROWS, SpoolWriter
+from dresd_vllm.index.build import read_keys
+from dresd_vllm.index.search import SearchOptions
+from dresd_vllm.online.spool import SUFFIX, chunk_files, projection_id
+from dresd_vllm.online.spool_writer import CHUNK_ROWS, SpoolWriter
+from dresd_vllm.spec.drafting import Drafter
+from dresd_vllm.store.atomic import replace_dir, sibling
+from dresd_vllm.store.datastore import Datastore
+from dresd_vllm.store.manifest import DatastoreError
 
 # Chunk names of this tool start with this instead of a time: later than any time a writer stamps.
 PINNED = "9" * 20

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dresd_vllm.host_copy import HostCopy
-from dresd_vllm.online_store import OnlineStore
-from dresd_vllm.torch_ivf import TorchIVF, nprobe_for, spherical_kmeans
-from dresd_vllm.torch_search import WORKSPACE_BYTES, ExactTorch
+from dresd_vllm.index.host_copy import HostCopy
+from dresd_vllm.index.torch_ivf import TorchIVF, nprobe_for, spherical_kmeans
+from dresd_vllm.index.torch_search import WORKSPACE_BYTES, ExactTorch
+from dresd_vllm.online.store import OnlineStore
 
 TOP_K = 50
 _CHUNK = 1 << 20  # keys generated or assigned at a time

@@ -35,7 +35,7 @@ from typing import Any
 
 from benchmarks.bench import BUILD, DOCS, ENGINE_ARGS, MAX_TOKENS, ROOT, K
 from dresd_assets import check_default_model
-from dresd_vllm.atomic import write_atomic
+from dresd_vllm.store.atomic import write_atomic
 
 STORE_ROWS = 500  # ShareGPT prompts the base store answers; the served ones come after them
 MAX_LENGTH = 1024  # generate's --max-length: a longer prompt gets no answer in the chat ID corpus
@@ -70,7 +70,7 @@ def serve(work: Path, prompts: int, concurrency: int) -> dict[str, Any]:
     from benchmarks.server import engine_flags, vllm_server
     from build_tools.data import Template, load_rows
     from build_tools.embed import load_tokenizer
-    from dresd_vllm.spool_writer import FLUSH_S
+    from dresd_vllm.online.spool_writer import FLUSH_S
 
     model = check_default_model()
     tokenizer = load_tokenizer(model)
@@ -117,7 +117,7 @@ def serve(work: Path, prompts: int, concurrency: int) -> dict[str, Any]:
 
 def fold(work: Path) -> dict[str, Any]:
     """A copy of the 500-prompt store with the spool folded in (`--append --spool`)."""
-    from dresd_vllm.manifest import MANIFEST
+    from dresd_vllm.store.manifest import MANIFEST
 
     grown = work / GROWN
     if not (grown / MANIFEST).is_file():
@@ -148,7 +148,7 @@ def report(out: Path, served: dict[str, Any], folded: dict[str, Any], replayed: 
            stores: dict[str, Path], argv: list[str]) -> str:  # fmt: skip
     """grown-store.json (everything) and grown-store.md (the table); returns the table."""
     from benchmarks.report import machine, versions
-    from dresd_vllm.manifest import MANIFEST, Manifest
+    from dresd_vllm.store.manifest import MANIFEST, Manifest
 
     keys = {name: Manifest.from_json((path / MANIFEST).read_text()).num_keys for name, path in stores.items()}
     first, last = STORE_ROWS, STORE_ROWS + served["prompts"]["rows"] - 1

@@ -160,7 +160,7 @@ def _configured(method: Method, k: int, overrides: dict[str, dict[str, Any]]) ->
 
 def dresd_templates(methods: list[Method]) -> set[str]:
     """The prompt templates recorded in the DReSD datastores of `methods`."""
-    from dresd_vllm.manifest import MANIFEST, DatastoreError, Manifest
+    from dresd_vllm.store.manifest import MANIFEST, DatastoreError, Manifest
 
     templates = set()
     for m in methods:

@@ -177,9 +177,9 @@ def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], di
     max_model_len = settings.max_model_len
     if method.kind == "dresd":
         from dresd_vllm.config import DresdConfig
-        from dresd_vllm.datastore import Datastore
-        from dresd_vllm.drafting import Drafter
-        from dresd_vllm.search import SearchOptions
+        from dresd_vllm.index.search import SearchOptions
+        from dresd_vllm.spec.drafting import Drafter
+        from dresd_vllm.store.datastore import Datastore
 
         options = DresdConfig.from_dict(config)
         ds = Datastore.load(options.datastore, SearchOptions.of(options))
@@ -194,7 +194,7 @@ def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], di
 
         return drafter.step, stats
     if method.kind == "suffix":
-        from dresd_vllm.context import SuffixTreeContext, suffix_tree_available
+        from dresd_vllm.spec.context import SuffixTreeContext, suffix_tree_available
 
         # vLLM's suffix method is arctic-inference's suffix tree: the n-gram fallback would replay another method.
         if not suffix_tree_available():
@@ -224,7 +224,7 @@ def make_step(method: Method, settings: Settings) -> tuple[Step, Callable[[], di
         return ngram, dict
     if method.kind == "rest":
         from dresd_vllm.config import RestConfig
-        from dresd_vllm.rest_drafting import RestDrafter
+        from dresd_vllm.rest.drafting import RestDrafter
 
         rest = RestDrafter(RestConfig.from_dict(config))
 
@@ -242,9 +242,9 @@ def best_of_step(method: Method) -> Step:
     in a batch, as the paper's Hugging Face loop did, would accept; vLLM verifies one chain.
     """
     from dresd_vllm.config import DresdConfig
-    from dresd_vllm.datastore import Datastore
-    from dresd_vllm.retriever import Retriever
-    from dresd_vllm.search import SearchOptions
+    from dresd_vllm.index.search import SearchOptions
+    from dresd_vllm.spec.retriever import Retriever
+    from dresd_vllm.store.datastore import Datastore
 
     config = {k: v for k, v in method.speculative_config.items() if k not in ("method", "num_speculative_tokens")}
     options = DresdConfig.from_dict(config)

@@ -28,10 +28,10 @@ import torch
 from build_tools.cli import comma_list
 from build_tools.index_metrics import recall_at_k, self_retrieval_mrr
 from dresd_vllm.config import DresdConfig
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.drafting import Drafter
-from dresd_vllm.retriever import MERGES
-from dresd_vllm.search import BACKENDS, SearchOptions
+from dresd_vllm.index.search import BACKENDS, SearchOptions
+from dresd_vllm.spec.drafting import Drafter
+from dresd_vllm.spec.retriever import MERGES
+from dresd_vllm.store.datastore import Datastore
 
 from .report import finish, fmt, markdown_table, table
 from .synthetic import SyntheticCorpus, SyntheticSettings, open_or_build, peak_rss_mb

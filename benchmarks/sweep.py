@@ -4,7 +4,7 @@ Every point of a grid of DReSD keys (`--grid KEY=V1,V2`, as `replay` takes them)
 recorded greedy trajectories of tuning prompts: by default the embedded training prompts after those
 the shipped ID corpus answers. A point is judged by its estimated speed over plain decoding at batch 1:
 tokens per step over all steps, divided by the step time its verified draft tokens add at the price
-that `dresd_vllm.drafting` measured on a CPU (`TOKEN_COST`). Baselines in --methods are replayed once,
+that `dresd_vllm.spec.drafting` measured on a CPU (`TOKEN_COST`). Baselines in --methods are replayed once,
 for reference. `compare` then measures the chosen point on the eval prompts, in tokens/s.
 """
 
@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dresd_vllm.drafting import TOKEN_COST
+from dresd_vllm.spec.drafting import TOKEN_COST
 
 from .compare import describe
 from .inputs import Method, Prompts, Settings

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from build_tools.data import differences
-from dresd_vllm.atomic import write_atomic
-from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
-from dresd_vllm.index import add_keys, auto_factory, new_index, set_search_defaults, train_index, train_rows
-from dresd_vllm.manifest import Manifest
-from dresd_vllm.projection import Projection
+from dresd_vllm.index.build import add_keys, auto_factory, new_index, set_search_defaults, train_index, train_rows
+from dresd_vllm.store.atomic import write_atomic
+from dresd_vllm.store.manifest import Manifest
+from dresd_vllm.store.projection import Projection
+from dresd_vllm.store.writer import token_store_from_sequences, write_datastore
 
 _GEN_CHUNK = 32_768
 

@@ -46,9 +46,7 @@ from build_tools.embed import (
 )
 from build_tools.index_shards import IndexWorker, index_task
 from build_tools.ray_jobs import ShardRunner
-from dresd_vllm.atomic import write_atomic
-from dresd_vllm.datastore_writer import append_datastore, token_store_from_sequences, write_datastore
-from dresd_vllm.index import (
+from dresd_vllm.index.build import (
     add_keys,
     auto_factory,
     empty_copy,
@@ -59,11 +57,13 @@ from dresd_vllm.index import (
     train_index,
     train_rows,
 )
-from dresd_vllm.manifest import INDEX, MANIFEST, PROJECTION, DatastoreError, Manifest
-from dresd_vllm.manifest import tokenizer_fingerprint as fingerprint_of
-from dresd_vllm.projection import Projection
-from dresd_vllm.spool import INFO as SPOOL_INFO
-from dresd_vllm.spool import SpoolError, projection_id, read_spool
+from dresd_vllm.online.spool import INFO as SPOOL_INFO
+from dresd_vllm.online.spool import SpoolError, projection_id, read_spool
+from dresd_vllm.store.atomic import write_atomic
+from dresd_vllm.store.manifest import INDEX, MANIFEST, PROJECTION, DatastoreError, Manifest
+from dresd_vllm.store.manifest import tokenizer_fingerprint as fingerprint_of
+from dresd_vllm.store.projection import Projection
+from dresd_vllm.store.writer import append_datastore, token_store_from_sequences, write_datastore
 
 # Raw fp32 states of one sample shard travel as one Arrow binary value (< 2 GiB): 32k positions is
 # 1 GiB at hidden size 8192.

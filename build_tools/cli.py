@@ -210,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
         "--index",
         default="auto",
         help="FAISS factory string, or auto: exact Flat up to 50k keys, IVF-SQfp16 up to 2M, IVF-PQ above "
-        "(dresd_vllm.index.auto_factory)",
+        "(dresd_vllm.index.build.auto_factory)",
     )
     p.add_argument(
         "--append",

@@ -23,7 +23,7 @@ import torch
 
 from build_tools.data import InputError
 from build_tools.engine import close_llm, make_llm
-from dresd_vllm.projection import Projection
+from dresd_vllm.store.projection import Projection
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from build_tools.data import Template, encode_corpus, load_rows
 from build_tools.embed import EmbedWorker, load_tokenizer, model_info, shard_task
 from build_tools.index_metrics import recall_at_k, self_retrieval_mrr
 from build_tools.ray_jobs import ShardRunner
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.index import read_keys
-from dresd_vllm.manifest import DatastoreError, tokenizer_fingerprint
-from dresd_vllm.search import SearchOptions
+from dresd_vllm.index.build import read_keys
+from dresd_vllm.index.search import SearchOptions
+from dresd_vllm.store.datastore import Datastore
+from dresd_vllm.store.manifest import DatastoreError, tokenizer_fingerprint
 
 
 def held_out_queries(args: Namespace, ds: Datastore) -> np.ndarray:

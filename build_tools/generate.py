@@ -28,7 +28,7 @@ from build_tools.data import InputError, Template, differences, get_text, load_r
 from build_tools.embed import check_length, load_tokenizer, shard_task, task_sequences, unbatch
 from build_tools.engine import close_llm, make_llm
 from build_tools.ray_jobs import ShardRunner
-from dresd_vllm.atomic import write_atomic
+from dresd_vllm.store.atomic import write_atomic
 
 
 class GenerateWorker:

@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import torch
 
-from dresd_vllm.search import SearchIndex
+from dresd_vllm.index.search import SearchIndex
 
 
 def _as_queries(queries: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ import faiss
 import numpy as np
 
 from build_tools.embed import unbatch
-from dresd_vllm.index import encode_shard
-from dresd_vllm.threads import omp_threads
+from dresd_vllm.index.build import encode_shard
+from dresd_vllm.index.threads import omp_threads
 
 
 def index_task(shard: int, path: str, first_id: int) -> dict[str, Any]:

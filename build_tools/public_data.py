@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from dresd_vllm.atomic import write_atomic
+from dresd_vllm.store.atomic import write_atomic
 
 # ShareGPT conversations from this position on are held out for evaluation.
 SHAREGPT_EVAL_START = 16_000

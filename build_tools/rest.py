@@ -1,6 +1,6 @@
 """`dresd-build rest`: the REST baseline's datastore, a suffix array over the same corpus.
 
-REST (He et al. 2024) drafts by exact suffix match in a corpus; `dresd_vllm.suffix_array` holds the
+REST (He et al. 2024) drafts by exact suffix match in a corpus; `dresd_vllm.rest.suffix_array` holds the
 corpus as one token stream with its suffix array (PyPI's `draftretriever` is ADED's fork, whose
 search is not REST's; see that module).
 With --prompt-key every row becomes exactly the token sequence `dresd-build datastore` embeds
@@ -15,8 +15,8 @@ from typing import Any
 
 from build_tools.data import InputError, Template, encode_corpus, load_rows
 from build_tools.embed import load_tokenizer
-from dresd_vllm.manifest import tokenizer_fingerprint
-from dresd_vllm.suffix_array import write_rest_datastore
+from dresd_vllm.rest.suffix_array import write_rest_datastore
+from dresd_vllm.store.manifest import tokenizer_fingerprint
 
 
 def run_rest(args: Namespace) -> dict[str, Any]:

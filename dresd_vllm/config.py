@@ -76,7 +76,7 @@ class DresdConfig(_Options):
     """DReSD's serving options (vLLM's own keys such as `num_speculative_tokens` stay vLLM's)."""
 
     method: typing.ClassVar[str] = "dresd"
-    proposer: typing.ClassVar[str] = "dresd_vllm.proposer.DresdProposer"
+    proposer: typing.ClassVar[str] = "dresd_vllm.spec.proposer.DresdProposer"
 
     datastore: str
     """Directory written by `dresd-build datastore`."""
@@ -151,7 +151,7 @@ class DresdConfig(_Options):
 
     def check_speculative(self, speculative_config: dict[str, Any]) -> None:
         """Refuse more speculative tokens than the datastore stores per key (its `n_next`)."""
-        from .manifest import MANIFEST, DatastoreError, Manifest
+        from dresd_vllm.store.manifest import MANIFEST, DatastoreError, Manifest
 
         k = speculative_config.get("num_speculative_tokens")
         try:
@@ -170,7 +170,7 @@ class RestConfig(_Options):
     """REST's serving options: exact suffix match of the context in a corpus suffix array."""
 
     method: typing.ClassVar[str] = "rest"
-    proposer: typing.ClassVar[str] = "dresd_vllm.rest_proposer.RestProposer"
+    proposer: typing.ClassVar[str] = "dresd_vllm.rest.proposer.RestProposer"
 
     datastore: str
     """File written by `dresd-build rest`."""
@@ -189,7 +189,7 @@ class RestConfig(_Options):
             raise ValueError(
                 f"rest 'datastore': {self.datastore!r} is not a file; point it at the output of `dresd-build rest`"
             )
-        from .suffix_array import check_rest_file
+        from dresd_vllm.rest.suffix_array import check_rest_file
 
         check_rest_file(self.datastore)
         if self.min_span > self.max_span:

@@ -262,8 +262,8 @@ def rest_datastore(tiny_model: str, plain_outputs: list, tmp_path_factory: pytes
     """A REST datastore of the tiny model's own greedy outputs for the test prompts (prompt + answer)."""
     from transformers import AutoTokenizer
 
-    from dresd_vllm.manifest import tokenizer_fingerprint
-    from dresd_vllm.suffix_array import write_rest_datastore
+    from dresd_vllm.rest.suffix_array import write_rest_datastore
+    from dresd_vllm.store.manifest import tokenizer_fingerprint
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     sequences = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in plain_outputs]
@@ -279,7 +279,7 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def one_faiss_thread() -> Iterator[None]:
     """FAISS on one thread for a module: its OpenMP threads spin against other processes on 2 cores."""
-    from dresd_vllm.threads import omp_threads
+    from dresd_vllm.index.threads import omp_threads
 
     with omp_threads(1):
         yield

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.datastore_writer import append_datastore, token_store_from_sequences, write_datastore
-from dresd_vllm.index import build_index, new_index, set_search_defaults, train_index, train_rows
-from dresd_vllm.manifest import DatastoreError, Manifest
-from dresd_vllm.projection import Projection
-from dresd_vllm.search import SearchOptions
+from dresd_vllm.index.build import build_index, new_index, set_search_defaults, train_index, train_rows
+from dresd_vllm.index.search import SearchOptions
+from dresd_vllm.store.datastore import Datastore
+from dresd_vllm.store.manifest import DatastoreError, Manifest
+from dresd_vllm.store.projection import Projection
+from dresd_vllm.store.writer import append_datastore, token_store_from_sequences, write_datastore
 
 H, D, VOCAB, N_NEXT, EOS = 48, 16, 500, 4, 1
 

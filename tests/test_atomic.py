@@ -1,12 +1,12 @@
-"""dresd_vllm.atomic: the one atomic write behind every file the project writes."""
+"""dresd_vllm.store.atomic: the one atomic write behind every file the project writes."""
 
 import os
 
 import numpy as np
 import pytest
 
-from dresd_vllm.atomic import write_atomic
-from dresd_vllm.suffix_array import SuffixArrayStore, write_rest_datastore
+from dresd_vllm.rest.suffix_array import SuffixArrayStore, write_rest_datastore
+from dresd_vllm.store.atomic import write_atomic
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

@@ -10,7 +10,7 @@ from conftest import build_args, in_process_vllm
 from build_tools.build import run_datastore, work_dir
 from build_tools.cli import parse_args
 from build_tools.data import InputError
-from dresd_vllm.datastore import Datastore
+from dresd_vllm.store.datastore import Datastore
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from conftest import gen_args, in_process_vllm
 
 from build_tools.cli import main, parse_args, resolve_dtype
-from dresd_vllm.proposer import warn_dtype
+from dresd_vllm.spec.proposer import warn_dtype
 
 
 def test_datastore_reads_the_response_key_generate_recorded(generated, tmp_path, capsys):

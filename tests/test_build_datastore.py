@@ -13,7 +13,7 @@ from build_tools.build import read_corpus, run_datastore, work_dir
 from build_tools.cli import main, parse_args
 from build_tools.evaluate import run_eval
 from build_tools.tiny_model import make_llama, save_checkpoint, train_tokenizer
-from dresd_vllm.datastore import Datastore
+from dresd_vllm.store.datastore import Datastore
 
 
 def corpus_of(tiny_model, build_corpus, out):

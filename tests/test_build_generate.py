@@ -4,7 +4,7 @@ from conftest import build_args, gen_args, in_process_vllm, read_rows
 
 from build_tools.build import run_datastore
 from build_tools.cli import main, parse_args
-from dresd_vllm.datastore import Datastore
+from dresd_vllm.store.datastore import Datastore
 
 
 def test_every_row_keeps_its_fields_gains_a_response_and_none_is_lost_or_repeated(build_corpus, generated):

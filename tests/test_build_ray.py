@@ -8,7 +8,7 @@ from conftest import build_args, gen_args, in_process_vllm, read_rows
 from build_tools.build import run_datastore
 from build_tools.cli import parse_args
 from build_tools.generate import run_generate
-from dresd_vllm.datastore import Datastore
+from dresd_vllm.store.datastore import Datastore
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from build_tools.build import read_corpus
 from build_tools.cli import main, parse_args
-from dresd_vllm.suffix_array import SEPARATOR, SuffixArrayStore
+from dresd_vllm.rest.suffix_array import SEPARATOR, SuffixArrayStore
 
 
 def test_rest_datastore_holds_the_datastore_sequences(tiny_model, build_corpus, tmp_path, capsys):

@@ -5,7 +5,7 @@ import typing
 import pytest
 
 from dresd_vllm.config import METHODS, DresdConfig, RestConfig, split_speculative_config
-from dresd_vllm.suffix_array import write_rest_datastore
+from dresd_vllm.rest.suffix_array import write_rest_datastore
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""dresd_vllm.context: `ContextSource(...)` picks arctic-inference's suffix tree where it is installed and the
+"""dresd_vllm.spec.context: `ContextSource(...)` picks arctic-inference's suffix tree where it is installed and the
 NumPy n-gram fallback otherwise; the fallback drafts what the suffix tree drafts on the cases that define it."""
 
 import sys
@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from dresd_vllm import context
-from dresd_vllm.context import ContextSource, SuffixTreeContext
-from dresd_vllm.context_ngram import NgramContext
-from dresd_vllm.ngram_index import ORDERS, ResponseRing, ngram_key, ngram_keys
+from dresd_vllm.spec import context
+from dresd_vllm.spec.context import ContextSource, SuffixTreeContext
+from dresd_vllm.spec.context_ngram import NgramContext
+from dresd_vllm.spec.ngram_index import ORDERS, ResponseRing, ngram_key, ngram_keys
 
 SOURCES = [NgramContext] + ([SuffixTreeContext] if context.suffix_tree_available() else [])
 

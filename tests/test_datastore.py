@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
-from dresd_vllm.index import build_index
-from dresd_vllm.manifest import FORMAT_VERSION, DatastoreError, Manifest, tokenizer_fingerprint
-from dresd_vllm.projection import Projection
-from dresd_vllm.search import SearchOptions
+from dresd_vllm.index.build import build_index
+from dresd_vllm.index.search import SearchOptions
+from dresd_vllm.store.datastore import Datastore
+from dresd_vllm.store.manifest import FORMAT_VERSION, DatastoreError, Manifest, tokenizer_fingerprint
+from dresd_vllm.store.projection import Projection
+from dresd_vllm.store.writer import token_store_from_sequences, write_datastore
 
 H, D, VOCAB, N_NEXT, EOS = 32, 8, 50, 4, 1
 REPO = Path(__file__).resolve().parent.parent
@@ -251,9 +251,9 @@ CHILD = textwrap.dedent(
     import os, sys, time
     import numpy as np
     import faiss
-    from dresd_vllm.datastore_writer import write_datastore
-    from dresd_vllm.manifest import Manifest
-    from dresd_vllm.projection import Projection
+    from dresd_vllm.store.writer import write_datastore
+    from dresd_vllm.store.manifest import Manifest
+    from dresd_vllm.store.projection import Projection
 
     path, num_tokens, rename_blocks = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     if rename_blocks:

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from dresd_vllm.config import DresdConfig
-from dresd_vllm.context import ContextSource
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.drafting import Drafter
-from dresd_vllm.online_store import OnlineStore
-from dresd_vllm.request_rows import RequestRows
-from dresd_vllm.scoring import CONTEXT, DENSE, Scorer, TokenPrice, conditional, cut, gain, pick
+from dresd_vllm.online.store import OnlineStore
+from dresd_vllm.spec.context import ContextSource
+from dresd_vllm.spec.drafting import Drafter
+from dresd_vllm.spec.request_rows import RequestRows
+from dresd_vllm.spec.scoring import CONTEXT, DENSE, Scorer, TokenPrice, conditional, cut, gain, pick
+from dresd_vllm.store.datastore import Datastore
 
 A, B = 1, 2  # owner codes (RequestRows.codes) of requests "a" and "b"
 

@@ -21,9 +21,9 @@ from vllm import SamplingParams
 
 from build_tools.data import InputError, load_rows
 from dresd_vllm.config import DresdConfig, RestConfig
-from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
-from dresd_vllm.manifest import Manifest
-from dresd_vllm.projection import Projection
+from dresd_vllm.store.manifest import Manifest
+from dresd_vllm.store.projection import Projection
+from dresd_vllm.store.writer import token_store_from_sequences, write_datastore
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS)
 
@@ -50,7 +50,7 @@ def test_datastore_with_out_of_vocabulary_ids_is_refused_at_start_up(tiny_model,
 
 
 def test_rest_datastore_with_out_of_vocabulary_ids_is_refused(tiny_model, llm_factory, tmp_path):
-    from dresd_vllm.suffix_array import write_rest_datastore
+    from dresd_vllm.rest.suffix_array import write_rest_datastore
 
     path = write_rest_datastore(tmp_path / "rest.npz", [[1, 2, 3, 100_000]], {})
     config = {"method": "rest", "datastore": str(path), "num_speculative_tokens": K}

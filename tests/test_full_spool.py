@@ -6,10 +6,10 @@ import torch
 
 from benchmarks import full_spool
 from benchmarks.synthetic import SyntheticSettings, open_or_build
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.search import SearchOptions
-from dresd_vllm.spool import chunk_files, projection_id, read_spool
-from dresd_vllm.spool_writer import SpoolWriter
+from dresd_vllm.index.search import SearchOptions
+from dresd_vllm.online.spool import chunk_files, projection_id, read_spool
+from dresd_vllm.online.spool_writer import SpoolWriter
+from dresd_vllm.store.datastore import Datastore
 
 NUM_KEYS, DIM = 3000, 16
 

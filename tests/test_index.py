@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from build_tools.index_metrics import exact_neighbours, recall_at_k, self_retrieval_mrr
-from dresd_vllm.index import (
+from dresd_vllm.index.build import (
     PQ_CODE,
     auto_factory,
     build_index,
@@ -20,7 +20,7 @@ from dresd_vllm.index import (
     train_index,
     train_rows,
 )
-from dresd_vllm.search import SearchIndex, SearchOptions, auto_backend
+from dresd_vllm.index.search import SearchIndex, SearchOptions, auto_backend
 
 D = 64
 

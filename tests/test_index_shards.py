@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 
 from build_tools.index_shards import IndexWorker, index_task
-from dresd_vllm.index import new_index, train_index
+from dresd_vllm.index.build import new_index, train_index
 
 
 def test_worker_unpins_the_thread_that_encodes(tmp_path):

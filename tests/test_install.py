@@ -19,7 +19,7 @@ from dresd_vllm.patches import SUPPORTED_VLLM
 _DEFAULT_CONFIG = """
 import json, sys
 from vllm import LLM, SamplingParams
-from dresd_vllm import context
+from dresd_vllm.spec import context
 model, datastore, prompts, engine, max_tokens = sys.argv[1:6]
 llm = LLM(model=model, **json.loads(engine), speculative_config={
     "method": "dresd", "datastore": datastore, "num_speculative_tokens": 8})
@@ -74,7 +74,7 @@ for name, kwargs in [
     ("dresd", dict(speculative_config={"method": "dresd", "datastore": "/nonexistent"})),
     ("rest", dict(speculative_config={"method": "rest", "datastore": "/nonexistent"})),
     ("custom_class", dict(speculative_config={"method": "custom_class", "num_speculative_tokens": 4,
-                                              "model": "dresd_vllm.proposer.DresdProposer"},
+                                              "model": "dresd_vllm.spec.proposer.DresdProposer"},
                           additional_config={"dresd": {"datastore": "/nonexistent"}})),
 ]:
     try:

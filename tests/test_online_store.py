@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dresd_vllm.online_store import OnlineStore, online_lists
-from dresd_vllm.request_rows import RequestRows
+from dresd_vllm.online.store import OnlineStore, online_lists
+from dresd_vllm.spec.request_rows import RequestRows
 
 DIM, N_NEXT = 16, 3
 
@@ -182,7 +182,7 @@ def test_lists_given_by_the_caller_are_the_ones_assign_computes():
 
 def test_the_packed_copy_back_restores_every_dtype_and_shape():
     """The bytes a GPU step copies back in one transfer (the packing runs here on CPU tensors)."""
-    from dresd_vllm.host_copy import pack_bytes, unpack_bytes
+    from dresd_vllm.index.host_copy import pack_bytes, unpack_bytes
 
     tensors = [
         torch.tensor([True, False, True]),

@@ -82,7 +82,7 @@ def test_switch_off_stops_a_dresd_engine_naming_the_variable(tiny_model, llm_fac
     with pytest.raises(RuntimeError, match="DRESD_VLLM_PATCHES=0"):
         llm_factory(
             tiny_model,
-            speculative_config={"method": "custom_class", "model": "dresd_vllm.proposer.DresdProposer",
+            speculative_config={"method": "custom_class", "model": "dresd_vllm.spec.proposer.DresdProposer",
                                 "num_speculative_tokens": K},
             additional_config={"dresd": {"datastore": str(tmp_path)}},
         )  # fmt: skip
@@ -173,7 +173,7 @@ import json, sys
 from vllm import LLM, SamplingParams
 model, datastore, prompts, engine = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 llm = LLM(model=model, **engine, additional_config={"dresd": {"datastore": datastore}}, speculative_config={
-    "method": "custom_class", "model": "dresd_vllm.proposer.DresdProposer", "num_speculative_tokens": 4})
+    "method": "custom_class", "model": "dresd_vllm.spec.proposer.DresdProposer", "num_speculative_tokens": 4})
 llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
 print(json.dumps({"stats": llm.collective_rpc("dresd_stats")[0], "plugin": "dresd_vllm.plugin" in sys.modules}))
 """

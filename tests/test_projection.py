@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dresd_vllm.projection import Projection
+from dresd_vllm.store.projection import Projection
 
 H, D = 48, 16
 

@@ -68,7 +68,7 @@ def test_plugin_free_custom_class_form(tiny_model, prompts, plain_outputs, own_d
         tiny_model,
         speculative_config={
             "method": "custom_class",
-            "model": "dresd_vllm.proposer.DresdProposer",
+            "model": "dresd_vllm.spec.proposer.DresdProposer",
             "num_speculative_tokens": K,
         },
         additional_config={"dresd": {"datastore": own_datastore}},

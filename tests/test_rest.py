@@ -7,9 +7,9 @@ from transformers import AutoTokenizer
 from vllm import SamplingParams
 
 from dresd_vllm.config import RestConfig
-from dresd_vllm.manifest import DatastoreError, tokenizer_fingerprint
-from dresd_vllm.rest_drafting import RestDrafter
-from dresd_vllm.suffix_array import SuffixArrayStore, spread_sample, suffix_array, write_rest_datastore
+from dresd_vllm.rest.drafting import RestDrafter
+from dresd_vllm.rest.suffix_array import SuffixArrayStore, spread_sample, suffix_array, write_rest_datastore
+from dresd_vllm.store.manifest import DatastoreError, tokenizer_fingerprint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS)
 

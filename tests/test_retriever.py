@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.datastore_writer import token_store_from_sequences, write_datastore
-from dresd_vllm.manifest import Manifest
-from dresd_vllm.online_store import OnlineStore
-from dresd_vllm.projection import Projection
-from dresd_vllm.retriever import Retriever, RetrieverStats
-from dresd_vllm.trie_merge import DenseCandidates, trie_path
+from dresd_vllm.online.store import OnlineStore
+from dresd_vllm.spec.retriever import Retriever, RetrieverStats
+from dresd_vllm.spec.trie_merge import DenseCandidates, trie_path
+from dresd_vllm.store.datastore import Datastore
+from dresd_vllm.store.manifest import Manifest
+from dresd_vllm.store.projection import Projection
+from dresd_vllm.store.writer import token_store_from_sequences, write_datastore
 
 H = 8
 N_NEXT = 4
@@ -235,7 +235,7 @@ def test_the_served_step_reads_no_device_data_before_its_one_copy_back(store, da
     """What a GPU needs of Drafter.step, checked on the CPU: no value read on the host, no data-dependent shape."""
     from benchmarks.gpu_check import HostWaits
     from dresd_vllm.config import DresdConfig
-    from dresd_vllm.drafting import Drafter
+    from dresd_vllm.spec.drafting import Drafter
 
     config = DresdConfig.from_dict({"datastore": str(store), "top_k": 10, "token_cost": 0.0, "online_store_size": 64})
     drafter = Drafter(datastore, config)

@@ -26,8 +26,8 @@ from conftest import DATA, ENGINE_DEFAULTS, K
 from request_mix import make_mix, run_mix
 
 from benchmarks.server import engine_flags, vllm_server
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.spool import projection_id, read_spool
+from dresd_vllm.online.spool import projection_id, read_spool
+from dresd_vllm.store.datastore import Datastore
 
 REQUESTS = 192  # about 3 minutes with both servers' start-up on the 2-core CI machine
 

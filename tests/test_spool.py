@@ -14,10 +14,10 @@ from build_tools.build import run_datastore
 from build_tools.cli import parse_args
 from build_tools.data import InputError
 from dresd_vllm.config import DresdConfig
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.drafting import Drafter
-from dresd_vllm.spool import INFO, SpoolError, chunk_files, projection_id, read_spool
-from dresd_vllm.spool_writer import SpoolWriter
+from dresd_vllm.online.spool import INFO, SpoolError, chunk_files, projection_id, read_spool
+from dresd_vllm.online.spool_writer import SpoolWriter
+from dresd_vllm.spec.drafting import Drafter
+from dresd_vllm.store.datastore import Datastore
 
 DIM, N_NEXT, EOS = 4, 3, 0
 
@@ -28,7 +28,7 @@ def spool_log():
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    log = logging.getLogger("vllm.dresd_vllm.spool")
+    log = logging.getLogger("vllm.dresd_vllm.online.spool")
     log.addHandler(handler)
     yield records
     log.removeHandler(handler)

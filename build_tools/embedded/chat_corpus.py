@@ -27,7 +27,7 @@ from pathlib import Path
 
 from build_tools.data import load_rows
 from dresd_assets import ASSETS, DEFAULT_MODEL, check_default_model
-from dresd_vllm.atomic import write_atomic
+from dresd_vllm.store.atomic import write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "build" / "chat" / "id-sharegpt.jsonl"

@@ -37,7 +37,7 @@ def worker_stats() -> None:
 
 
 def _rewrite_dresd_method(create_speculative_config):
-    from ..config import METHODS, split_speculative_config
+    from dresd_vllm.config import METHODS, split_speculative_config
 
     @functools.wraps(create_speculative_config)
     def wrapper(self, *args, **kwargs):
@@ -70,7 +70,7 @@ def _capture_hidden_states(propose_draft_token_ids):
                     self.input_batch.req_ids[: len(sampled_token_ids)],
                 )
             except Exception:
-                from ..proposer_base import strict
+                from dresd_vllm.spec.proposer_base import strict
 
                 if strict():
                     raise

@@ -7,10 +7,10 @@ Drafts from the longest suffix of each request's context that occurs in a corpus
 import numpy as np
 from vllm.config import VllmConfig
 
-from . import patches
-from .config import RestConfig
-from .proposer_base import GuardedProposer, model_tokenizer_fingerprint, output_rank, proposer_logger
-from .rest_drafting import RestDrafter
+from dresd_vllm import patches
+from dresd_vllm.config import RestConfig
+from dresd_vllm.rest.drafting import RestDrafter
+from dresd_vllm.spec.proposer_base import GuardedProposer, model_tokenizer_fingerprint, output_rank, proposer_logger
 
 logger = proposer_logger(__name__)
 

@@ -20,7 +20,7 @@ from vllm import envs
 from vllm.config import ModelConfig, SpeculativeConfig, VllmConfig
 from vllm.logger import init_logger
 
-from .manifest import tokenizer_fingerprint
+from dresd_vllm.store.manifest import tokenizer_fingerprint
 
 
 def proposer_logger(name: str) -> logging.Logger:

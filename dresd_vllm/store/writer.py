@@ -1,4 +1,4 @@
-"""Writing a datastore: a new one, or keys appended to one, atomically (see :mod:`dresd_vllm.manifest`)."""
+"""Writing a datastore: a new one, or keys appended to one, atomically (see :mod:`dresd_vllm.store.manifest`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from dresd_vllm.atomic import fsync_dir, fsync_file, remove_stale_temps, replace_dir, sibling
-from dresd_vllm.index import add_keys, auto_factory, build_index, ivf_of
-from dresd_vllm.manifest import (
+from dresd_vllm.index.build import add_keys, auto_factory, build_index, ivf_of
+from dresd_vllm.store.atomic import fsync_dir, fsync_file, remove_stale_temps, replace_dir, sibling
+from dresd_vllm.store.manifest import (
     FORMAT_VERSION,
     INDEX,
     MANIFEST,
@@ -28,7 +28,7 @@ from dresd_vllm.manifest import (
     read_manifest,
     read_projection,
 )
-from dresd_vllm.projection import Projection
+from dresd_vllm.store.projection import Projection
 
 
 def token_store_from_sequences(

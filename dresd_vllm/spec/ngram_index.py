@@ -4,7 +4,7 @@ For each n-gram order in `ORDERS` a hash chain links every position to the previ
 the same n-gram (zlib's match finder), so the latest earlier occurrences are read in O(limit), however
 long the sequence, and a new token is linked in O(1). :class:`RequestChains` indexes one request's own
 tokens; :class:`ResponseRing` a ring of finished responses (at most `GLOBAL_TOKENS` tokens) with
-bucketed chains. :class:`~dresd_vllm.context_ngram.NgramContext` drafts from both.
+bucketed chains. :class:`~dresd_vllm.spec.context_ngram.NgramContext` drafts from both.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import numpy as np
 class PendingValues:
     """Keys whose values are not complete yet, in flat arrays (one row a key), by owning request.
 
-    A request is known by its int64 owner code (:attr:`~dresd_vllm.request_rows.RequestRows.codes`),
+    A request is known by its int64 owner code (:attr:`~dresd_vllm.spec.request_rows.RequestRows.codes`),
     which no other request shares while it has pending keys, so that a step matches its batch against
     the pending keys with one sort and one search.
     """

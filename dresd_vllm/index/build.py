@@ -1,7 +1,7 @@
 """The ANN index over datastore keys: choosing, training, filling, sharding and reading it back.
 
 Keys are unit fp16 vectors, so similarity is the inner product (cosine). The
-index is a FAISS index described by a factory string; :mod:`dresd_vllm.search`
+index is a FAISS index described by a factory string; :mod:`dresd_vllm.index.search`
 searches it at serving time.
 """
 
@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import torch
 
-from dresd_vllm.torch_ivf import nprobe_for
+from dresd_vllm.index.torch_ivf import nprobe_for
 
 # Up to this many keys exact search (50k x 256 B scanned a query at d = 64) fits a decoding step's
 # budget on one CPU core and loses nothing; above it IVF, which scans a few lists, is the faster.

@@ -1,7 +1,7 @@
 """An IVF index searched with torch ops on any device: the GPU path that scales past exact search.
 
 A query scores the coarse centroids, takes its ``nprobe`` best lists and ranks every key in them with
-:func:`~dresd_vllm.torch_search.exact_search` (or PQ lookup tables), in shapes fixed at load, so a
+:func:`~dresd_vllm.index.torch_search.exact_search` (or PQ lookup tables), in shapes fixed at load, so a
 step on a GPU runs without a host synchronisation. FAISS is needed only to read a FAISS index
 (:meth:`TorchIVF.from_faiss`): the GPU check runs this module on a machine without it.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dresd_vllm.torch_search import WORKSPACE_BYTES, cat_chunks, chunk_rows, exact_search, top_k
+from dresd_vllm.index.torch_search import WORKSPACE_BYTES, cat_chunks, chunk_rows, exact_search, top_k
 
 # Keys an IVF search scans by default (see nprobe_for).
 SCAN_KEYS = 8192
@@ -99,7 +99,7 @@ class TorchIVF:
         """Copy what search needs out of a FAISS IVF ``index`` onto ``device``."""
         import faiss  # only here: the rest of this module runs without FAISS
 
-        from dresd_vllm.index import ivf_of, read_keys
+        from dresd_vllm.index.build import ivf_of, read_keys
 
         ivf = ivf_of(index)
         if ivf is None:

@@ -18,9 +18,9 @@ import math
 import numpy as np
 import torch
 
-from dresd_vllm.host_copy import HostCopy
-from dresd_vllm.online_values import PendingValues
-from dresd_vllm.torch_search import WORKSPACE_BYTES, cat_chunks, chunk_rows, exact_search
+from dresd_vllm.index.host_copy import HostCopy
+from dresd_vllm.index.torch_search import WORKSPACE_BYTES, cat_chunks, chunk_rows, exact_search
+from dresd_vllm.online.values import PendingValues
 
 # Slots one query scans at most (probes x list_size): a few percent of a full store.
 SCAN_SLOTS = 1024
@@ -38,7 +38,7 @@ class OnlineStore:
     """At most ``capacity`` keys of ``dim`` with values of ``n_next + 1`` tokens, oldest evicted first.
 
     ``coarse`` is ``(weight [dim, nlist], bias [nlist])`` on ``device`` that scores a key's lists
-    (:meth:`~dresd_vllm.search.SearchIndex.coarse_map`); None keeps one list, an exact search of the
+    (:meth:`~dresd_vllm.index.search.SearchIndex.coarse_map`); None keeps one list, an exact search of the
     whole store (for small stores). Each list is a ring of ``list_size`` slots (by default
     :data:`LIST_SLACK` times an even share of the capacity); a search scans ``probes`` lists (by
     default as many as make :data:`SCAN_SLOTS` slots), in chunks of queries whose temporaries stay
@@ -99,7 +99,7 @@ class OnlineStore:
         lists: np.ndarray | None = None,
     ) -> None:
         """Add ``keys [R, dim]``; row r belongs to the request coded ``owners[r]`` (int64 [R], its
-        :attr:`~dresd_vllm.request_rows.RequestRows.codes`) and produced its token at ``positions[r]``.
+        :attr:`~dresd_vllm.spec.request_rows.RequestRows.codes`) and produced its token at ``positions[r]``.
 
         Values are left unknown (-1) until :meth:`fill` sees the request's tokens. ``lists`` are the
         keys' lists when the caller already copied :meth:`assign`'s result back (else one copy here).

@@ -14,12 +14,12 @@ import torch
 from vllm.config import VllmConfig
 from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
-from . import patches
-from .config import DresdConfig
-from .datastore import Datastore
-from .drafting import Drafter
-from .proposer_base import GuardedProposer, model_tokenizer_fingerprint, output_rank, proposer_logger
-from .search import SearchOptions
+from dresd_vllm import patches
+from dresd_vllm.config import DresdConfig
+from dresd_vllm.index.search import SearchOptions
+from dresd_vllm.spec.drafting import Drafter
+from dresd_vllm.spec.proposer_base import GuardedProposer, model_tokenizer_fingerprint, output_rank, proposer_logger
+from dresd_vllm.store.datastore import Datastore
 
 logger = proposer_logger(__name__)
 

@@ -2,8 +2,8 @@
 
 A :class:`SearchIndex` holds one backend, each a small class with ``search(queries, k)`` (tensors
 on the backend's device) and ``memory_bytes()``: FAISS on the CPU, FAISS on the GPU, exact search
-by PyTorch (:class:`~dresd_vllm.torch_search.ExactTorch`), or IVF lists searched by PyTorch
-(:class:`~dresd_vllm.torch_ivf.TorchIVF`) for GPUs whose CUDA has no FAISS build.
+by PyTorch (:class:`~dresd_vllm.index.torch_search.ExactTorch`), or IVF lists searched by PyTorch
+(:class:`~dresd_vllm.index.torch_ivf.TorchIVF`) for GPUs whose CUDA has no FAISS build.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import faiss
 import numpy as np
 import torch
 
-from dresd_vllm.index import ivf_of, read_keys
-from dresd_vllm.torch_ivf import TorchIVF, fold_coarse, linear_transforms, spherical_kmeans
-from dresd_vllm.torch_search import WORKSPACE_BYTES, ExactTorch
+from dresd_vllm.index.build import ivf_of, read_keys
+from dresd_vllm.index.torch_ivf import TorchIVF, fold_coarse, linear_transforms, spherical_kmeans
+from dresd_vllm.index.torch_search import WORKSPACE_BYTES, ExactTorch
 
 BACKENDS = ("auto", "faiss", "faiss-gpu", "torch", "torch-ivf")
 # Datastore keys the coarse lists of a non-IVF datastore are trained on (for the online store).

@@ -1,8 +1,8 @@
 """Context drafts without a compiled extension: n-gram hash chains over each request's tokens and earlier responses.
 
-The fallback of :class:`~dresd_vllm.context.ContextSource` where arctic-inference is not installed. The
+The fallback of :class:`~dresd_vllm.spec.context.ContextSource` where arctic-inference is not installed. The
 latest earlier occurrences of the context's last tokens are read from n-gram hash chains
-(:mod:`dresd_vllm.ngram_index`), `LATEST` per chain, in two stores:
+(:mod:`dresd_vllm.spec.ngram_index`), `LATEST` per chain, in two stores:
 
 - the request's own tokens (prompt and output so far), read from the runner's token array;
 - a global ring of the last ``cached_requests`` responses (at most `ngram_index.GLOBAL_TOKENS` tokens), to which a
@@ -23,8 +23,8 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from .context import ContextCandidates, ContextSource
-from .ngram_index import RequestChains, ResponseRing
+from dresd_vllm.spec.context import ContextCandidates, ContextSource
+from dresd_vllm.spec.ngram_index import RequestChains, ResponseRing
 
 LATEST = 16
 """Earlier occurrences read per chain and store."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scoring import Scorer, TokenPrice
+from dresd_vllm.spec.scoring import Scorer, TokenPrice
 
 # The running mean of tokens per request and step adapts with this rate.
 TOKENS_PER_STEP_RATE = 0.02

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dresd_vllm.atomic import write_atomic
+from dresd_vllm.store.atomic import write_atomic
 
 FORMAT = "dresd-rest-v1"
 SEPARATOR = -1  # between sequences: no match or continuation crosses a sequence boundary
@@ -44,7 +44,7 @@ def suffix_array(tokens: np.ndarray) -> np.ndarray:
 
 
 def write_rest_datastore(path: str | os.PathLike, sequences: Sequence[Sequence[int]], metadata: dict) -> Path:
-    """Write sequences and their suffix array to one `.npz` file, atomically (see :mod:`dresd_vllm.atomic`)."""
+    """Write sequences and their suffix array to one `.npz` file, atomically (see :mod:`dresd_vllm.store.atomic`)."""
     path = Path(path)
     parts = [np.append(np.asarray(seq, dtype=np.int32), np.int32(SEPARATOR)) for seq in sequences]
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)

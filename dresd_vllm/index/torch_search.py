@@ -2,7 +2,7 @@
 
 Shapes are fixed by the batch and by sizes known at load, so a search on a GPU needs no host
 synchronisation; its temporaries stay under :data:`WORKSPACE_BYTES` by searching the queries (and
-the keys) in chunks. The IVF search (:mod:`dresd_vllm.torch_ivf`) and the online store rank their
+the keys) in chunks. The IVF search (:mod:`dresd_vllm.index.torch_ivf`) and the online store rank their
 candidates with :func:`exact_search`. Needs torch only.
 """
 

@@ -1,12 +1,12 @@
 """One DReSD drafting step, in stages: learn, budget, search, dense, remember, context, price, emit.
 
 Sources: the static dense index and the online dense index (searched together by the
-:class:`~dresd_vllm.retriever.Retriever`), and the request's own context (:class:`ContextSource`).
+:class:`~dresd_vllm.spec.retriever.Retriever`), and the request's own context (:class:`ContextSource`).
 Each gives one chain per request with a per-position feature in [0, 1]. The :class:`Scorer` turns a
 feature into the estimated chance that the position is accepted given the one before was, learnt
-from what vLLM actually accepted (:class:`~dresd_vllm.feedback.Feedback`); :func:`price_chains` cuts
+from what vLLM actually accepted (:class:`~dresd_vllm.spec.feedback.Feedback`); :func:`price_chains` cuts
 each chain where that chance no longer pays for verifying the token, at the price of a draft token that
-:class:`~dresd_vllm.scoring.TokenPrice` fits from the engine's step times, and keeps per request the
+:class:`~dresd_vllm.spec.scoring.TokenPrice` fits from the engine's step times, and keeps per request the
 chain with the larger expected net gain. The engine's proposer and `dresd-bench replay` both drive the
 same :class:`Drafter`. Per-request state lives in flat arrays, one row per request (:class:`RequestRows`).
 """
@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DresdConfig
-from .context import ContextSource
-from .datastore import Datastore
-from .feedback import Feedback
-from .online_store import OnlineStore, online_lists
-from .request_rows import RequestRows
-from .retriever import Found, Retriever
-from .scoring import (
+from dresd_vllm.config import DresdConfig
+from dresd_vllm.online.spool_writer import SpoolWriter, open_spool
+from dresd_vllm.online.store import OnlineStore, online_lists
+from dresd_vllm.spec.context import ContextSource
+from dresd_vllm.spec.feedback import Feedback
+from dresd_vllm.spec.request_rows import RequestRows
+from dresd_vllm.spec.retriever import Found, Retriever
+from dresd_vllm.spec.scoring import (
     CONTEXT,
     CONTEXT_BUCKETS,
     DENSE,
@@ -41,7 +41,7 @@ from .scoring import (
     TokenPrice,
     price_chains,
 )
-from .spool_writer import SpoolWriter, open_spool
+from dresd_vllm.store.datastore import Datastore
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """The spool's writer: a drafter's verified states appended in checksummed chunks by a background thread.
 
-The format, and reading it back, are :mod:`dresd_vllm.spool`'s.
+The format, and reading it back, are :mod:`dresd_vllm.online.spool`'s.
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dresd_vllm.atomic import remove_stale_temps, write_atomic
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.online_store import OnlineStore
-from dresd_vllm.spool import (
+from dresd_vllm.online.spool import (
     FORMAT,
     INFO,
     LENGTH,
@@ -34,6 +31,9 @@ from dresd_vllm.spool import (
     projection_id,
     read_spool,
 )
+from dresd_vllm.online.store import OnlineStore
+from dresd_vllm.store.atomic import remove_stale_temps, write_atomic
+from dresd_vllm.store.datastore import Datastore
 
 # Rows of a chunk: 8192 keys of 64 dimensions make a file of about 1.2 MB.
 CHUNK_ROWS = 8192

@@ -1,4 +1,4 @@
-"""Reading a datastore (see :mod:`dresd_vllm.manifest` for its files): :class:`Datastore`.
+"""Reading a datastore (see :mod:`dresd_vllm.store.manifest` for its files): :class:`Datastore`.
 
 The token arrays are read into memory at load (4 bytes a token and 4-8 a key): a memory-mapped
 store that an operator truncates or copies over under a running server would kill its worker
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dresd_vllm.manifest import (
+from dresd_vllm.index.search import SearchIndex, SearchOptions
+from dresd_vllm.store.manifest import (
     INDEX,
     MANIFEST,
     OFFSETS,
@@ -24,8 +25,7 @@ from dresd_vllm.manifest import (
     read_manifest,
     read_projection,
 )
-from dresd_vllm.projection import Projection
-from dresd_vllm.search import SearchIndex, SearchOptions
+from dresd_vllm.store.projection import Projection
 
 _OFFSET_SCAN_CHUNK = 1 << 24
 

@@ -11,8 +11,8 @@ One directory::
 Key i's value is ``tokens[offsets[i] + 1 : offsets[i] + n_next + 2]``: value[0] is
 the token that key i's state produced (the first-token filter compares it with the
 token just sampled), value[1:] is the draft. The EOS padding after every sequence
-keeps that slice in bounds without a branch. :mod:`dresd_vllm.datastore_writer` writes
-a datastore, :class:`dresd_vllm.datastore.Datastore` reads one.
+keeps that slice in bounds without a branch. :mod:`dresd_vllm.store.writer` writes
+a datastore, :class:`dresd_vllm.store.datastore.Datastore` reads one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import ConfigDict, ValidationError
 from pydantic.dataclasses import dataclass
 
-from dresd_vllm.projection import Projection
+from dresd_vllm.store.projection import Projection
 
 FORMAT_VERSION = 1
 
@@ -134,7 +134,7 @@ def read_projection(path: Path) -> Projection:
 
 
 def read_array(path: Path, *dtypes: type[np.generic]) -> np.ndarray:
-    """A flat ``.npy`` array of one of ``dtypes``, read into memory (see :mod:`dresd_vllm.datastore`)."""
+    """A flat ``.npy`` array of one of ``dtypes``, read into memory (see :mod:`dresd_vllm.store.datastore`)."""
     try:
         array = np.load(path)
     except (ValueError, EOFError, OSError) as e:

@@ -5,7 +5,7 @@
 - :class:`SuffixTreeContext`, where arctic-inference is installed: its suffix trees (SuffixDecoding, the
   structure behind vLLM's `suffix` method), one per active request over its prompt and output so far,
   and one global tree over the last ``cached_requests`` responses. Compiled, the faster one.
-- :class:`~dresd_vllm.context_ngram.NgramContext` otherwise: n-gram hash chains in NumPy and Python,
+- :class:`~dresd_vllm.spec.context_ngram.NgramContext` otherwise: n-gram hash chains in NumPy and Python,
   what `pip install "dresd-vllm[gpu]"` (or `[cpu]`) runs, since arctic-inference is a source distribution
   that those installs do not build. It logs one line saying so.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .proposer_base import proposer_logger
+from dresd_vllm.spec.proposer_base import proposer_logger
 
 logger = proposer_logger(__name__)
 
@@ -40,7 +40,7 @@ class ContextSource:
     """Context drafts over each request's own tokens and earlier responses; requests are tracked by their ids.
 
     Calling `ContextSource(...)` builds a :class:`SuffixTreeContext` where arctic-inference can be imported
-    and an :class:`~dresd_vllm.context_ngram.NgramContext` otherwise.
+    and an :class:`~dresd_vllm.spec.context_ngram.NgramContext` otherwise.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ContextSource:
@@ -48,7 +48,7 @@ class ContextSource:
             if suffix_tree_available():
                 cls = SuffixTreeContext
             else:
-                from .context_ngram import NgramContext
+                from dresd_vllm.spec.context_ngram import NgramContext
 
                 _log_fallback()
                 cls = NgramContext

@@ -3,7 +3,7 @@
 With ``online_store_path`` set, every verified state the proposer projects (its fp16 key) goes into
 an in-memory chunk with the token it produced, its position and its request's tag. A full chunk, or
 one that has waited a few seconds, goes to a background thread
-(:class:`~dresd_vllm.spool_writer.SpoolWriter`), which writes it as one file::
+(:class:`~dresd_vllm.online.spool_writer.SpoolWriter`), which writes it as one file::
 
     MAGIC  u32 header length  header (JSON)  payload
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dresd_vllm.projection import Projection
+from dresd_vllm.store.projection import Projection
 
 # Under vLLM's logger tree, so the lines appear in the server's log.
 logger = logging.getLogger(f"vllm.{__name__}")

@@ -1,7 +1,7 @@
 """From hidden states to one draft per request: project, search, copy back, filter, merge.
 
 The hits that pass the first-token filter are merged into one chain per request
-(:mod:`dresd_vllm.trie_merge`), whose length :meth:`Retriever.chain_lengths` decides.
+(:mod:`dresd_vllm.spec.trie_merge`), whose length :meth:`Retriever.chain_lengths` decides.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import time
 import numpy as np
 import torch
 
-from dresd_vllm.datastore import Datastore
-from dresd_vllm.host_copy import HostCopy
-from dresd_vllm.online_store import OnlineStore
-from dresd_vllm.threads import omp_threads
-from dresd_vllm.trie_merge import MIN_WEIGHT, DenseCandidates, trie_path
+from dresd_vllm.index.host_copy import HostCopy
+from dresd_vllm.index.threads import omp_threads
+from dresd_vllm.online.store import OnlineStore
+from dresd_vllm.spec.trie_merge import MIN_WEIGHT, DenseCandidates, trie_path
+from dresd_vllm.store.datastore import Datastore
 
 MERGES = ("trie", "top1")
 

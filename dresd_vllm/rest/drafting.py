@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .config import RestConfig
-from .manifest import DatastoreError
-from .suffix_array import SEPARATOR, SuffixArrayStore
+from dresd_vllm.config import RestConfig
+from dresd_vllm.rest.suffix_array import SEPARATOR, SuffixArrayStore
+from dresd_vllm.store.manifest import DatastoreError
 
 
 class RestDrafter:

@@ -1,0 +1,1 @@
+"""The online store: keys learned from served traffic, searched in memory and spooled to disk."""

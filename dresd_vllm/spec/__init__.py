@@ -1,0 +1,1 @@
+"""DReSD's proposer: drafting from dense retrieval and the request's context, priced per token."""

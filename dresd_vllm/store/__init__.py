@@ -1,0 +1,1 @@
+"""The datastore on disk: its manifest, projection, reader and atomic writer."""
