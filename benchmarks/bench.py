@@ -215,8 +215,9 @@ def distribution(
 
     For each of the first `prompts` prompts of `dataset`, `samples` outputs of `tokens` tokens (temperature 0.7,
     top-p 0.95, one seed each, no seed shared between sets) from plain sampling and from DReSD-ID+context
-    are compared by `permutation_test`. Rejection sampling keeps the target distribution, so DReSD passes
-    when no prompt's p-value is below ALPHA / prompts (Bonferroni). Beside it, with the same test: plain
+    (``token_cost`` 0, so that it drafts at every batch size) are compared by `permutation_test`. Rejection
+    sampling keeps the target distribution, so DReSD passes when no prompt's p-value is below ALPHA / prompts
+    (Bonferroni). Beside it, with the same test: plain
     sampling against itself on other seeds (it should pass), and two samplers that are wrong on purpose,
     temperature 1.0 and no top-p (what the test can detect at this sample size).
     """
@@ -234,7 +235,8 @@ def distribution(
     llm_args = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
                     disable_log_stats=False, enable_chunked_prefill=False, max_num_seqs=64,
                     max_num_batched_tokens=8192)  # fmt: skip
-    dresd = {"method": "dresd", "datastore": paths["ID"], "num_speculative_tokens": K}
+    # A price of 0 keeps the full proposer drafting at these batches of 64, where its fitted price stands it down.
+    dresd = {"method": "dresd", "datastore": paths["ID"], "num_speculative_tokens": K, "token_cost": 0.0}
     store = Manifest.from_json((Path(paths["ID"]) / MANIFEST).read_text())
     # name: (speculative config, first seed, temperature, top_p); every set has seeds of its own.
     sets: dict[str, tuple[dict[str, Any] | None, int, float, float]] = {
