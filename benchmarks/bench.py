@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "bench"
 DOCS = ROOT / "docs" / "benchmarks-public"
 ENGINE_ARGS = json.dumps({"dtype": "float32"})
-STEPS = ("replay", "compare", "nucleus", "distribution")
+STEPS = ("replay", "compare", "nucleus", "distribution", "serve")
 CURVE_ROWS = (500, 1000, 2000, 4000, 8000)
 K, MAX_TOKENS = 10, 128
 # Store sizes: the chat ID rows are the curve's choice (docs/benchmarks-public.md: 500 to 1,000 prompts
@@ -63,6 +63,8 @@ PCA_SAMPLE = 20_000  # chat: states the projection is fitted on (the build's def
 COMPARE_PROMPTS, REPEATS = 16, 3
 NUCLEUS_SETTING = (0.7, 0.95)  # the paper's sampled setting: temperature, top-p
 NUCLEUS = ("--temperature", str(NUCLEUS_SETTING[0]), "--top-p", str(NUCLEUS_SETTING[1]))
+# vLLM's own serving benchmark on the reserved ShareGPT conversations: requests per concurrency.
+SERVE_REQUESTS = {1: 16, 4: 32}
 # The distribution check: label permutations per test, and its level (shared out over the prompts).
 PERMUTATIONS, ALPHA = 2000, 0.01
 SETTINGS = {"mt-bench": ("chat", 80), "humaneval": ("code", 164)}
@@ -179,6 +181,61 @@ def compare(dataset: str, paths: dict[str, str], out: Path, prompts: int, repeat
           *_method_args(paths), "-k", str(K), "--max-tokens", str(MAX_TOKENS), "--repeats", str(repeats),
           "--engine-args", ENGINE_ARGS, *(NUCLEUS if nucleus else ()),
           "--out", str(out / f"{'nucleus' if nucleus else 'compare'}-{dataset}")])  # fmt: skip
+
+
+def serve(paths: dict[str, str], work: Path, out: Path, requests: dict[int, int]) -> list[dict[str, Any]]:
+    """`vllm bench serve` (through `benchmarks.vllm_bench_serve`) on the reserved ShareGPT conversations against
+    a plain, a `suffix` and a DReSD server (the full proposer over the chat ID store), greedy, through the
+    chat endpoint (the chat template the stores were built with), at each concurrency of `requests`."""
+    from benchmarks.report import write_report
+    from benchmarks.server import engine_flags, vllm_server
+    from build_tools.public_data import load_named, serve_json
+    from dresd_vllm.store.atomic import write_atomic
+
+    model = check_default_model()
+    data = work / "sharegpt-eval-serve.json"  # what `python -m build_tools.public_data serve-json` writes
+    if not data.is_file():
+        rows = serve_json(load_named("sharegpt:eval"))
+        write_atomic(data, lambda tmp: tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8"))
+    servers = {
+        "vanilla": None,
+        "suffix": {"method": "suffix", "num_speculative_tokens": K},
+        "dresd-ID+context": {"method": "dresd", "datastore": paths["ID"], "num_speculative_tokens": K},
+    }
+    flags = engine_flags({"dtype": "float32", "max_model_len": 2048, "enforce_eager": True})
+    results = []
+    for name, config in servers.items():
+        spec = ["--speculative-config", json.dumps(config)] if config else []
+        with vllm_server(model, *flags, *spec, log=work / f"serve-{name}.log") as base_url:
+            for concurrency, count in requests.items():
+                filename = f"vllm-bench-serve-{name}-c{concurrency}.json"
+                _run(["benchmarks.vllm_bench_serve", "--base-url", base_url, "--model", model, "--backend",
+                      "openai-chat", "--endpoint", "/v1/chat/completions", "--dataset-name", "sharegpt",
+                      "--dataset-path", str(data), "--num-prompts", str(count), "--sharegpt-output-len",
+                      str(MAX_TOKENS), "--max-concurrency", str(concurrency), "--temperature", "0", "--seed", "0",
+                      "--save-result", "--result-dir", str(work), "--result-filename", filename])  # fmt: skip
+                result = json.loads((work / filename).read_text())
+                output, accepted = result["total_output_tokens"], result.get("spec_decode_accepted_tokens", 0)
+                results.append(dict(
+                    server=name, concurrency=concurrency, requests=result["completed"], output_tokens=output,
+                    output_tokens_per_s=result["output_throughput"], median_ttft_ms=result["median_ttft_ms"],
+                    median_tpot_ms=result["median_tpot_ms"], acceptance_rate=result.get("spec_decode_acceptance_rate"),
+                    tokens_per_step=output / max(output - accepted, 1),
+                ))  # fmt: skip
+    plain = {r["concurrency"]: r["output_tokens_per_s"] for r in results if r["server"] == "vanilla"}
+    for r in results:
+        r["speedup"] = r["output_tokens_per_s"] / plain[r["concurrency"]]
+    write_report(out, "vllm-bench-serve.json", dict(dataset="sharegpt:eval", max_tokens=MAX_TOKENS, results=results))
+    headers = ["server", "concurrency", "requests", "output tok/s", "speedup", "tokens/step (est.)", "accept rate",
+               "median TTFT ms", "median TPOT ms"]  # fmt: skip
+    lines = ["| " + " | ".join(headers) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
+    for r in sorted(results, key=lambda r: r["concurrency"]):
+        rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.1f}%"
+        lines.append(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['output_tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f} | {r['tokens_per_step']:.2f} | {rate} | {r['median_ttft_ms']:.0f} | "
+                     f"{r['median_tpot_ms']:.1f} |")  # fmt: skip
+    (out / "vllm-bench-serve.md").write_text("\n".join(lines) + "\n")
+    return results
 
 
 def permutation_test(a: np.ndarray, b: np.ndarray, permutations: int, seed: int = 0) -> tuple[float, float]:
@@ -477,6 +534,9 @@ def main(argv: list[str] | None = None) -> None:
         if "distribution" in steps:
             distribution(dataset, setting, args.out)
             print((args.out / f"distribution-{dataset}.md").read_text())
+        if "serve" in steps and SETTINGS[dataset][0] == "chat":  # ShareGPT traffic, the chat stores
+            serve(setting, args.work, args.out, SERVE_REQUESTS)
+            print((args.out / "vllm-bench-serve.md").read_text())
     print(summary(args.out))
     print(f"make bench: {time.perf_counter() - start:.0f} s; reports in {args.out}")
 

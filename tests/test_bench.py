@@ -171,39 +171,6 @@ def test_serve_drives_the_openai_server_at_each_concurrency(tiny_model, bench_da
     assert (out / "serve.png").read_bytes()[:4] == PNG
 
 
-def test_serve_measures_a_running_server_at_a_request_rate(tiny_model, bench_data, own_datastore, tmp_path):
-    from conftest import vllm_server
-
-    out = tmp_path / "serve-url"
-    config = {"method": "dresd", "datastore": own_datastore, "num_speculative_tokens": 4}
-    with vllm_server(tiny_model, "--speculative-config", json.dumps(config)) as base_url:
-        run = run_bench(
-            "serve", "--model", tiny_model, "--dataset", bench_data["dataset"], "--limit", "4", "--max-tokens", "24",
-            "--base-url", base_url, "--concurrency", "2", "--requests", "6", "--request-rate", "20",
-            "--out", str(out),
-        )  # fmt: skip
-        # vLLM's own load test against the same DReSD server (`vllm bench serve`'s code and options).
-        vllm_bench = subprocess.run(
-            [
-                sys.executable, "-m", "benchmarks.vllm_bench_serve", "--base-url", base_url, "--model", tiny_model,
-                "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "16",
-                "--num-prompts", "4", "--max-concurrency", "2", "--request-rate", "20", "--temperature", "0",
-                "--save-result", "--result-dir", str(tmp_path), "--result-filename", "vllm-bench.json",
-            ],
-            cwd=ROOT, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert vllm_bench.returncode == 0, vllm_bench.stdout[-4000:] + vllm_bench.stderr[-4000:]
-    vllm_result = json.loads((tmp_path / "vllm-bench.json").read_text())
-    assert vllm_result["completed"] == 4 and vllm_result["spec_decode_num_drafts"] > 0
-    (server,) = json.loads((out / "serve.json").read_text())["methods"]
-    assert server["model"] == tiny_model and server["name"] == f"server {base_url}"
-    (level,) = server["levels"]
-    assert level["requests"] == 6 and level["request_rate"] == 20 and level["lossless"] is None
-    # Served, tokens per step is estimated from the counters (output - accepted tokens): no step hook.
-    assert level["drafts"] > 0 and level["tokens_per_step"] > 1
-
-
 def test_stats_window_subtracts_counters_and_keeps_gauges():
     """The fitted token price and the online store's size are values now: a window reports them, not their change."""
     before = {"steps": 10, "search_s": 1.0, "token_price": 0.04, "token_price_b1": 0.04, "online_keys": 500}

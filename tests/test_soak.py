@@ -4,7 +4,8 @@ A realistic mix: 16 concurrent `openai` clients, completions and chat, streaming
 sampled, n=2, stop strings, logprobs, prompts over max-model-len (a 400 is right) and clients that
 disconnect mid-stream. It passes with no server error (5xx or a dropped connection), the server still
 healthy at the end, and every greedy request inside the mix answered exactly as a server without
-speculation answers it.
+speculation answers it. Then `dresd-bench serve --base-url` and vLLM's own `vllm bench serve` measure
+the same running server.
 
 A long run of the online store: a small store filled many times over with its spool on, the
 proposer's step time and the server's memory sampled (flat once the store is full), every verified
@@ -14,11 +15,15 @@ state spooled, and a restart that reloads the spool and drafts from it at once.
 import collections
 import contextlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import requests
@@ -29,10 +34,34 @@ from benchmarks.server import engine_flags, vllm_server
 from dresd_vllm.online.spool import projection_id, read_spool
 from dresd_vllm.store.datastore import Datastore
 
+ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 192  # about 3 minutes with both servers' start-up on the 2-core CI machine
 
 
-def test_dresd_server_soak(tiny_model, own_datastore, tmp_path, monkeypatch):
+def _measure(base_url: str, model: str, prompts: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """`dresd-bench serve --base-url` at a request rate and vLLM's own load test (`vllm bench serve`'s code and
+    options), each as users run it, against the running server: their reports."""
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in prompts))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    out = tmp_path / "serve-url"
+    commands = [
+        ["benchmarks.cli", "serve", "--model", model, "--dataset", str(dataset), "--limit", "4", "--max-tokens", "24",
+         "--base-url", base_url, "--concurrency", "2", "--requests", "6", "--request-rate", "20", "--out", str(out)],
+        ["benchmarks.vllm_bench_serve", "--base-url", base_url, "--model", model, "--dataset-name", "random",
+         "--random-input-len", "16", "--random-output-len", "16", "--num-prompts", "4", "--max-concurrency", "2",
+         "--request-rate", "20", "--temperature", "0", "--save-result", "--result-dir", str(tmp_path),
+         "--result-filename", "vllm-bench.json"],
+    ]  # fmt: skip
+    for command in commands:
+        run = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return json.loads((out / "serve.json").read_text()), json.loads((tmp_path / "vllm-bench.json").read_text())
+
+
+def test_dresd_server_soak(tiny_model, prompts, own_datastore, tmp_path, monkeypatch):
+    """The mix through a DReSD server; then both load tests measure the same server (one start serves all three)."""
     mix = make_mix(REQUESTS)
     greedy = [i for i, r in enumerate(mix) if r.greedy]
     flags = engine_flags(ENGINE_DEFAULTS)
@@ -47,6 +76,7 @@ def test_dresd_server_soak(tiny_model, own_datastore, tmp_path, monkeypatch):
         soak = run_mix(base_url, tiny_model, mix)
         healthy = requests.get(f"{base_url}/health", timeout=30).status_code
         metrics = requests.get(f"{base_url}/metrics", timeout=30).text
+        served, vllm_bench = _measure(base_url, tiny_model, prompts, tmp_path)
 
     matched = sum(soak.texts.get(i) == plain.texts[j] for j, i in enumerate(greedy))
     accepted = sum(
@@ -69,6 +99,14 @@ def test_dresd_server_soak(tiny_model, own_datastore, tmp_path, monkeypatch):
     text = log.read_text()
     assert "DReSD: " in text and " keys from " in text, text[-3000:]
     assert "DresdProposer: " in text and " ms/step proposing" in text, text[-3000:]
+
+    assert vllm_bench["completed"] == 4 and vllm_bench["spec_decode_num_drafts"] > 0
+    (server,) = served["methods"]
+    assert server["model"] == tiny_model and server["name"] == f"server {base_url}"
+    (level,) = server["levels"]
+    assert level["requests"] == 6 and level["request_rate"] == 20 and level["lossless"] is None
+    # Served, tokens per step is estimated from the counters (output - accepted tokens): no step hook.
+    assert level["drafts"] > 0 and level["tokens_per_step"] > 1
 
 
 def test_mix_is_what_the_soak_promises():

@@ -10,9 +10,7 @@ from vllm.config import VllmConfig
 from dresd_vllm import patches
 from dresd_vllm.config import RestConfig
 from dresd_vllm.rest.drafting import RestDrafter
-from dresd_vllm.spec.proposer_base import GuardedProposer, model_tokenizer_fingerprint, output_rank, proposer_logger
-
-logger = proposer_logger(__name__)
+from dresd_vllm.spec.proposer_base import GuardedProposer, model_tokenizer_fingerprint
 
 
 class RestProposer(GuardedProposer):
@@ -25,10 +23,7 @@ class RestProposer(GuardedProposer):
         patches.apply()
         super().__init__(vllm_config)
         self.config = RestConfig.from_dict(self.options)
-        self.output_rank = output_rank()
         if not self.output_rank:
-            # vLLM schedules the drafts of tensor-parallel rank 0 alone (see DresdProposer).
-            logger.info("REST: not the output rank, whose drafts vLLM schedules; no datastore, no drafts here")
             return
         self.drafter = RestDrafter(self.config)
         self.drafter.check_model(model_tokenizer_fingerprint(vllm_config.model_config), self.vocab_size)
@@ -40,6 +35,4 @@ class RestProposer(GuardedProposer):
         token_ids_cpu: np.ndarray,
         max_len: np.ndarray,
     ) -> list[list[int]]:
-        if not self.output_rank:
-            return [[] for _ in sampled_token_ids]
         return self.drafter.step(sampled_token_ids, num_tokens, token_ids_cpu, max_len)

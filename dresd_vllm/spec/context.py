@@ -109,17 +109,11 @@ def _log_fallback() -> None:
 class SuffixTreeContext(ContextSource):
     """arctic-inference's suffix trees: one per active request, one global over the last responses."""
 
-    def __init__(
-        self,
-        max_depth: int = 24,
-        cached_requests: int = 10000,
-        max_spec_factor: float = 1.0,
-        min_token_prob: float = 0.1,
-    ):
+    def __init__(self, *args: Any, **kwargs: Any):  # ContextSource's parameters
         from arctic_inference.suffix_decoding import SuffixDecodingCache
 
-        super().__init__(max_depth, cached_requests, max_spec_factor, min_token_prob)
-        self.cache = SuffixDecodingCache(max_tree_depth=max_depth, max_cached_requests=cached_requests)
+        super().__init__(*args, **kwargs)
+        self.cache = SuffixDecodingCache(max_tree_depth=self.max_depth, max_cached_requests=self.cached_requests)
 
     @property
     def active_requests(self) -> Collection[object]:

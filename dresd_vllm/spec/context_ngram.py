@@ -20,6 +20,7 @@ generated, and the draft after a long match is not shortened by the tree's depth
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,16 +36,10 @@ PATHS = 16
 class NgramContext(ContextSource):
     """Context drafts from n-gram hash chains in NumPy (see the module docstring); no compiled extension."""
 
-    def __init__(
-        self,
-        max_depth: int = 24,
-        cached_requests: int = 10000,
-        max_spec_factor: float = 1.0,
-        min_token_prob: float = 0.1,
-    ):
-        super().__init__(max_depth, cached_requests, max_spec_factor, min_token_prob)
+    def __init__(self, *args: Any, **kwargs: Any):  # ContextSource's parameters
+        super().__init__(*args, **kwargs)
         self.requests: dict[object, RequestChains] = {}
-        self.responses = ResponseRing(cached_requests) if cached_requests > 0 else None
+        self.responses = ResponseRing(self.cached_requests) if self.cached_requests > 0 else None
 
     @property
     def active_requests(self) -> Collection[object]:

@@ -18,7 +18,7 @@ from dresd_vllm import patches
 from dresd_vllm.config import DresdConfig
 from dresd_vllm.index.search import SearchOptions
 from dresd_vllm.spec.drafting import Drafter
-from dresd_vllm.spec.proposer_base import GuardedProposer, model_tokenizer_fingerprint, output_rank, proposer_logger
+from dresd_vllm.spec.proposer_base import GuardedProposer, model_tokenizer_fingerprint, proposer_logger
 from dresd_vllm.store.datastore import Datastore
 
 logger = proposer_logger(__name__)
@@ -35,11 +35,7 @@ class DresdProposer(GuardedProposer):
         patches.require(self.method, "capture_hidden_states")
         super().__init__(vllm_config)
         self.config = DresdConfig.from_dict(self.options)
-        self.output_rank = output_rank()
-        if not self.output_rank:
-            # vLLM schedules the drafts of tensor-parallel rank 0 alone: the executor takes them from its output
-            # rank (`take_draft_token_ids`), and every rank's forward pass reads them from the scheduler's output.
-            logger.info("DReSD: not the output rank, whose drafts vLLM schedules; no datastore, no drafts here")
+        if not self.output_rank:  # vLLM schedules the drafts of tensor-parallel rank 0 alone
             return
         model_config = vllm_config.model_config
         self.datastore = Datastore.load(
@@ -92,8 +88,6 @@ class DresdProposer(GuardedProposer):
         token_ids_cpu: np.ndarray,
         max_len: np.ndarray,
     ) -> list[list[int]]:
-        if not self.output_rank:
-            return [[] for _ in sampled_token_ids]
         verified, self._verified = self._verified, None
         if verified is None:
             raise RuntimeError("no hidden states were captured for this step; is dresd_vllm.patches applied?")

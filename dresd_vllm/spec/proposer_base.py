@@ -83,6 +83,10 @@ class GuardedProposer:
         self.k = self.speculative_config.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
         self.vocab_size = vllm_config.model_config.get_vocab_size()
+        self.output_rank = output_rank()
+        if not self.output_rank:
+            logger.info("%s: not the output rank, whose drafts vLLM schedules; no datastore, no drafts here",
+                        type(self).__name__)  # fmt: skip
         self._faulted = False
         self._strict = strict()
         self._counters: dict[str, float] = dict(
@@ -105,7 +109,7 @@ class GuardedProposer:
         start = time.perf_counter()
         batch = len(sampled_token_ids)
         drafts: list[list[int]] = [[] for _ in range(batch)]
-        if batch:
+        if batch and self.output_rank:
             try:
                 num_tokens = np.asarray(num_tokens_no_spec[:batch])
                 max_len = np.clip(np.minimum(self.k, self.max_model_len - num_tokens - 1), 0, None)
@@ -140,6 +144,7 @@ class GuardedProposer:
         token_ids_cpu: np.ndarray,
         max_len: np.ndarray,
     ) -> list[list[int]]:
+        """The batch's drafts, each at most `max_len` tokens; called on the output rank only."""
         raise NotImplementedError
 
     def _count_step(self, start: float, end: float) -> None:
