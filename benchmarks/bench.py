@@ -60,7 +60,7 @@ CHAT_ID_ROWS = 1000
 CHAT_OOD_ROWS = 400
 CODE_ROWS = demo.STORE_PROMPTS
 PCA_SAMPLE = 20_000  # chat: states the projection is fitted on (the build's default, 100k, takes many minutes here)
-COMPARE_PROMPTS, REPEATS = 16, 3
+COMPARE_PROMPTS, REPEATS = 8, 3
 NUCLEUS_SETTING = (0.7, 0.95)  # the paper's sampled setting: temperature, top-p
 NUCLEUS = ("--temperature", str(NUCLEUS_SETTING[0]), "--top-p", str(NUCLEUS_SETTING[1]))
 # vLLM's own serving benchmark on the reserved ShareGPT conversations: requests per concurrency.
