@@ -51,7 +51,7 @@ test-fast: install
 demo: install
 	$(RUN) $(PY) -m benchmarks.demo
 
-# The paper's table on public data (MT-Bench, HumanEval; docs/benchmarks-public.md): about two hours, not in `make test`.
+# The paper's table on public data (MT-Bench, HumanEval; docs/benchmarks-public.md): hours here, not in `make test`.
 bench: install
 	$(RUN) $(PY) -m benchmarks.bench
 

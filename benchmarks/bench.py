@@ -1,8 +1,8 @@
 """`make bench`: the paper's table on SmolLM2 over public data, a chat and a code assistant.
 
-    python -m benchmarks.bench                       # every step (about two hours on a quiet 2-core machine)
+    python -m benchmarks.bench                       # every step (hours on a 2-core machine)
     python -m benchmarks.bench --steps replay        # the stores, then only some of: replay, compare, nucleus,
-                                                     # distribution
+                                                     # distribution, serve
 
 - **chat**: MT-Bench's 80 first turns, with the chat stores: DReSD-ID over SmolLM2's own greedy answers
   to the first ShareGPT prompts (the shipped `smollm2-chat-id` corpus, `build_tools.embedded.chat_corpus`),
@@ -23,7 +23,9 @@ Steps, each written under `docs/benchmarks-public/` with the machine, the versio
    DReSD: acceptance and speed;
 5. `distribution`: do DReSD's sampled outputs follow the target's distribution? A permutation test of
    token frequencies over many seeds against plain sampling, pass or fail, beside plain sampling against
-   itself (other seeds) and two samplers wrong on purpose (what the test can detect).
+   itself (other seeds) and two samplers wrong on purpose (what the test can detect);
+6. `serve` (chat setting): vLLM's own `vllm bench serve` on the reserved ShareGPT conversations against a
+   plain, a `suffix` and a DReSD server, at concurrency 1 and 4.
 
 `summary.md` joins them: per setting, a greedy and a sampled table and the distribution verdicts.
 Tuning never used MT-Bench, HumanEval or the reserved ShareGPT conversations (`sharegpt:eval`).
@@ -190,13 +192,18 @@ def serve(paths: dict[str, str], work: Path, out: Path, requests: dict[int, int]
     from benchmarks.report import write_report
     from benchmarks.server import engine_flags, vllm_server
     from build_tools.public_data import load_named, serve_json
-    from dresd_vllm.store.atomic import write_atomic
 
     model = check_default_model()
-    data = work / "sharegpt-eval-serve.json"  # what `python -m build_tools.public_data serve-json` writes
-    if not data.is_file():
-        rows = serve_json(load_named("sharegpt:eval"))
-        write_atomic(data, lambda tmp: tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8"))
+    # Each level its own conversations, in file order: a speculative server keeps what it served (suffix's
+    # global tree, DReSD's online store), so a prompt served again would be drafted from its own answer.
+    # Four conversations a request leave room for those `vllm bench serve` drops as too long.
+    rows = serve_json(load_named("sharegpt:eval"))
+    data: dict[int, Path] = {}
+    first = 0
+    for concurrency, count in requests.items():
+        data[concurrency] = work / f"sharegpt-eval-serve-c{concurrency}.json"
+        data[concurrency].write_text(json.dumps(rows[first : first + 4 * count], ensure_ascii=False))
+        first += 4 * count
     servers = {
         "vanilla": None,
         "suffix": {"method": "suffix", "num_speculative_tokens": K},
@@ -211,8 +218,9 @@ def serve(paths: dict[str, str], work: Path, out: Path, requests: dict[int, int]
                 filename = f"vllm-bench-serve-{name}-c{concurrency}.json"
                 _run(["benchmarks.vllm_bench_serve", "--base-url", base_url, "--model", model, "--backend",
                       "openai-chat", "--endpoint", "/v1/chat/completions", "--dataset-name", "sharegpt",
-                      "--dataset-path", str(data), "--num-prompts", str(count), "--sharegpt-output-len",
-                      str(MAX_TOKENS), "--max-concurrency", str(concurrency), "--temperature", "0", "--seed", "0",
+                      "--dataset-path", str(data[concurrency]), "--disable-shuffle", "--num-prompts", str(count),
+                      "--sharegpt-output-len", str(MAX_TOKENS), "--max-concurrency", str(concurrency),
+                      "--temperature", "0", "--seed", "0",
                       "--save-result", "--result-dir", str(work), "--result-filename", filename])  # fmt: skip
                 result = json.loads((work / filename).read_text())
                 output, accepted = result["total_output_tokens"], result.get("spec_decode_accepted_tokens", 0)
