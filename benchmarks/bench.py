@@ -234,6 +234,12 @@ def serve(paths: dict[str, str], work: Path, out: Path, requests: dict[int, int]
     for r in results:
         r["speedup"] = r["output_tokens_per_s"] / plain[r["concurrency"]]
     write_report(out, "vllm-bench-serve.json", dict(dataset="sharegpt:eval", max_tokens=MAX_TOKENS, results=results))
+    (out / "vllm-bench-serve.md").write_text(serve_table(results))
+    return results
+
+
+def serve_table(results: list[dict[str, Any]]) -> str:
+    """The `serve` step's results as Markdown, one row per server and concurrency, by concurrency."""
     headers = ["server", "concurrency", "requests", "output tok/s", "speedup", "tokens/step (est.)", "accept rate",
                "median TTFT ms", "median TPOT ms"]  # fmt: skip
     lines = ["| " + " | ".join(headers) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
@@ -242,8 +248,7 @@ def serve(paths: dict[str, str], work: Path, out: Path, requests: dict[int, int]
         lines.append(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['output_tokens_per_s']:.1f} | "
                      f"{r['speedup']:.2f} | {r['tokens_per_step']:.2f} | {rate} | {r['median_ttft_ms']:.0f} | "
                      f"{r['median_tpot_ms']:.1f} |")  # fmt: skip
-    (out / "vllm-bench-serve.md").write_text("\n".join(lines) + "\n")
-    return results
+    return "\n".join(lines) + "\n"
 
 
 def permutation_test(a: np.ndarray, b: np.ndarray, permutations: int, seed: int = 0) -> tuple[float, float]:
@@ -493,6 +498,11 @@ def summary(out: Path) -> str:
         if (out / f"distribution-{dataset}.md").is_file():
             lines += [f"## {dataset}: do sampled outputs follow the target's distribution?", "",
                       (out / f"distribution-{dataset}.md").read_text()]  # fmt: skip
+    if (out / "vllm-bench-serve.md").is_file():
+        lines += ["## sharegpt (held out): `vllm bench serve` against each server (chat stores)", "",
+                  (out / "vllm-bench-serve.md").read_text()]  # fmt: skip
+        notes.append("sharegpt: one run of `vllm bench serve` per server and concurrency, greedy; tokens/step "
+                     "estimated from the server's counters, output / (output - accepted)")  # fmt: skip
     lines += [*(f"- {note}" for note in notes), "- tok/s depend on the machine's load: docs/benchmarks-public.md "
               "says which were taken on a quiet machine"]  # fmt: skip
     text = "\n".join(lines) + "\n"

@@ -68,3 +68,20 @@ def test_code_stores_are_copied_from_make_demo_only_when_finished(tmp_path, monk
     bench._copy_demo_stores(paths)
     assert (paths["ID"] / "manifest.json").read_text() == "{}" and paths["REST"].read_bytes() == b"rest"
     assert sorted(p.name for p in work.iterdir()) == ["code-dresd-id-400", "code-rest-id-400.npz"]
+
+
+def test_serve_table_by_concurrency_and_in_the_summary(tmp_path):
+    row = dict(requests=16, median_ttft_ms=240.4, median_tpot_ms=54.66)
+    results = [
+        dict(row, server="vanilla", concurrency=4, output_tokens_per_s=40.0, speedup=1.0, tokens_per_step=1.0,
+             acceptance_rate=None),
+        dict(row, server="suffix", concurrency=1, output_tokens_per_s=19.7, speedup=1.16, tokens_per_step=1.49,
+             acceptance_rate=37.7),
+    ]  # fmt: skip
+    table = bench.serve_table(results)
+    assert table.index("| suffix | 1 |") < table.index("| vanilla | 4 |")  # by concurrency
+    assert "| suffix | 1 | 16 | 19.7 | 1.16 | 1.49 | 37.7% | 240 | 54.7 |" in table
+    assert "| vanilla | 4 | 16 | 40.0 | 1.00 | 1.00 | - | 240 | 54.7 |" in table
+    (tmp_path / "vllm-bench-serve.md").write_text(table)
+    text = bench.summary(tmp_path)
+    assert "`vllm bench serve` against each server" in text and table in text
