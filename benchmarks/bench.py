@@ -240,15 +240,17 @@ def serve(paths: dict[str, str], work: Path, out: Path, requests: dict[int, int]
 
 def serve_table(results: list[dict[str, Any]]) -> str:
     """The `serve` step's results as Markdown, one row per server and concurrency, by concurrency."""
+    from benchmarks.report import markdown_table
+
     headers = ["server", "concurrency", "requests", "output tok/s", "speedup", "tokens/step (est.)", "accept rate",
                "median TTFT ms", "median TPOT ms"]  # fmt: skip
-    lines = ["| " + " | ".join(headers) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
+    rows = []
     for r in sorted(results, key=lambda r: r["concurrency"]):
         rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.1f}%"
-        lines.append(f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['output_tokens_per_s']:.1f} | "
-                     f"{r['speedup']:.2f} | {r['tokens_per_step']:.2f} | {rate} | {r['median_ttft_ms']:.0f} | "
-                     f"{r['median_tpot_ms']:.1f} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+        rows.append([r["server"], str(r["concurrency"]), str(r["requests"]), f"{r['output_tokens_per_s']:.1f}",
+                     f"{r['speedup']:.2f}", f"{r['tokens_per_step']:.2f}", rate, f"{r['median_ttft_ms']:.0f}",
+                     f"{r['median_tpot_ms']:.1f}"])  # fmt: skip
+    return markdown_table(headers, rows) + "\n"
 
 
 def permutation_test(a: np.ndarray, b: np.ndarray, permutations: int, seed: int = 0) -> tuple[float, float]:

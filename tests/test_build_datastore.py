@@ -13,6 +13,7 @@ from build_tools.build import read_corpus, run_datastore, work_dir
 from build_tools.cli import main, parse_args
 from build_tools.evaluate import run_eval
 from build_tools.tiny_model import make_llama, save_checkpoint, train_tokenizer
+from dresd_vllm import patches
 from dresd_vllm.store.datastore import Datastore
 
 
@@ -65,9 +66,11 @@ def test_keys_are_the_states_the_proposer_captures_when_serving(tiny_model, buil
         drafter.captured = []
         propose = drafter.propose
 
-        def recording(*args, **kwargs):
-            drafter.captured.append(drafter._verified.detach().float().cpu().clone())
-            return propose(*args, **kwargs)
+        def recording(sampled_token_ids, *args, **kwargs):
+            states, metadata = drafter._captured
+            verified = patches.verified_states(states, sampled_token_ids, metadata)
+            drafter.captured.append(verified.detach().float().cpu().clone())
+            return propose(sampled_token_ids, *args, **kwargs)
 
         drafter.propose = recording
 

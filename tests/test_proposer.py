@@ -7,6 +7,7 @@ from conftest import GREEDY_MAX_TOKENS, K
 from vllm import SamplingParams
 
 from build_tools.tiny_model import make_llama, save_checkpoint
+from dresd_vllm import patches
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=GREEDY_MAX_TOKENS)
 
@@ -86,7 +87,9 @@ def test_captured_state_produced_the_sampled_token(tiny_model, prompts, own_data
 
         def checked(sampled_token_ids, *args, **kwargs):
             # Every verified row, not only the last of each request: the online store keeps them all.
-            predicted = model.compute_logits(drafter._verified).argmax(-1).tolist()
+            states, metadata = drafter._captured
+            verified = patches.verified_states(states, sampled_token_ids, metadata)
+            predicted = model.compute_logits(verified).argmax(-1).tolist()
             drafter.checks += list(zip(predicted, [t for s in sampled_token_ids for t in s], strict=True))
             return propose(sampled_token_ids, *args, **kwargs)
 

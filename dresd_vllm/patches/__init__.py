@@ -3,8 +3,9 @@
 - **method keys**, `EngineArgs.create_speculative_config`: `{"method": "dresd" | "rest", ...}` becomes
   vLLM's custom_class form (vLLM's `method` is a closed Literal and `SpeculativeConfig` forbids extra keys).
 - **hidden-state capture**, `GPUModelRunner.propose_draft_token_ids` (the CPU runner inherits it): hands a
-  drafter that has `capture_hidden_states` the post-norm last-layer states of each request's verified
-  positions and the batch's request ids, which custom_class proposers are not given.
+  drafter that has `capture_hidden_states` the post-norm last-layer states of the step's sampled
+  positions, the draft layout and the batch's request ids, which custom_class proposers are not given;
+  `verified_states` picks each request's verified positions from them.
 - **stats RPC**, `WorkerBase.dresd_stats`: lets `LLM.collective_rpc("dresd_stats")` read the proposer's
   counters from the worker, in-process or not.
 - **CPU kernel fix**, on the CPU build only, in two parts. `CpuPlatform.register_triton_kernel_overrides`

@@ -65,10 +65,7 @@ def _capture_hidden_states(propose_draft_token_ids):
         capture = getattr(getattr(self, "drafter", None), "capture_hidden_states", None)
         if capture is not None and isinstance(sampled_token_ids, list):
             try:
-                capture(
-                    verified_states(sample_hidden_states, sampled_token_ids, spec_decode_metadata),
-                    self.input_batch.req_ids[: len(sampled_token_ids)],
-                )
+                capture(sample_hidden_states, spec_decode_metadata, self.input_batch.req_ids[: len(sampled_token_ids)])
             except Exception:
                 from dresd_vllm.spec.proposer_base import strict
 

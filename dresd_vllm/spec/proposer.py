@@ -1,13 +1,14 @@
 """The DReSD proposer for vLLM's custom_class speculative hook.
 
 vLLM builds one `DresdProposer(vllm_config)` per worker. Every step the patched runner hands it the
-states of each request's verified positions and the batch's request ids (`capture_hidden_states`),
-then calls `propose`, which drafts for the whole batch through one :class:`Drafter` step.
+states of the sampled positions and the batch's request ids (`capture_hidden_states`), then calls
+`propose`, which picks each request's verified states and drafts for the whole batch through one
+:class:`Drafter` step.
 """
 
 import dataclasses
 import time
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class DresdProposer(GuardedProposer):
             if schedule
             else np.full(max_batch + 1, self.k)
         )
-        self._verified: torch.Tensor | None = None
+        self._captured: tuple[torch.Tensor, Any] | None = None
         self._req_ids: list[str] = []
         logger.info(
             "DReSD: %d keys from %s, top_k=%d, merge=%s, k=%d, context=%s, online_store=%s, length_control=%s",
@@ -77,9 +78,12 @@ class DresdProposer(GuardedProposer):
                 self.drafter.stats.reloaded_keys,
             )  # fmt: skip
 
-    def capture_hidden_states(self, verified: torch.Tensor, req_ids: list[str]) -> None:
-        """Called by the patched runner: the states of every verified position, request after request."""
-        self._verified, self._req_ids = verified, list(req_ids)
+    def capture_hidden_states(
+        self, sample_hidden_states: torch.Tensor, spec_decode_metadata: Any, req_ids: list[str]
+    ) -> None:
+        """Called by the patched runner before `propose`: the states of this step's sampled positions. The
+        verified ones are picked in `_draft`, so ranks other than the output rank do no work for them."""
+        self._captured, self._req_ids = (sample_hidden_states, spec_decode_metadata), list(req_ids)
 
     def _draft(
         self,
@@ -88,11 +92,12 @@ class DresdProposer(GuardedProposer):
         token_ids_cpu: np.ndarray,
         max_len: np.ndarray,
     ) -> list[list[int]]:
-        verified, self._verified = self._verified, None
-        if verified is None:
+        captured, self._captured = self._captured, None
+        if captured is None:
             raise RuntimeError("no hidden states were captured for this step; is dresd_vllm.patches applied?")
         if len(self._req_ids) != len(sampled_token_ids):
             raise RuntimeError(f"captured {len(self._req_ids)} request ids for {len(sampled_token_ids)} requests")
+        verified = patches.verified_states(captured[0], sampled_token_ids, captured[1])
         batch = len(sampled_token_ids)
         max_len = np.minimum(max_len, self._k_by_batch[min(batch, len(self._k_by_batch) - 1)])
         return self.drafter.step(
